@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,10 @@ class StoreError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+# Recorded for people, not compared: the same model or data may live at another path on another machine.
+INFORMATIONAL = frozenset({"model.name", "model.path", "data.path"})
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
@@ -90,6 +95,10 @@ def sha256_files(paths: list[Path], root: Path) -> str:
     return h.hexdigest()
 
 
+def fingerprint_digest(fp: dict) -> str:
+    return digest({k: v for k, v in _flatten(fp).items() if k not in INFORMATIONAL})
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -105,7 +114,7 @@ def diff_fingerprints(old: dict, new: dict) -> list[str]:
     """Dotted field names whose values differ, with both values (for error messages)."""
     a, b = _flatten(old), _flatten(new)
     return [f"{k}: store has {a.get(k)!r}, this run has {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k)]  # fmt: skip
+            if a.get(k) != b.get(k) and k not in INFORMATIONAL]  # fmt: skip
 
 
 def missing_fingerprint_fields(fp: dict) -> list[str]:
@@ -215,7 +224,7 @@ class StoreWriter:
             raise StoreError(f"fingerprint incomplete, missing: {', '.join(missing)}")
         self.root = Path(root)
         self.fingerprint = fingerprint
-        self.digest = digest(fingerprint)
+        self.digest = fingerprint_digest(fingerprint)
         self.plan = plan
         self.rank, self.world_size = rank, world_size
         self.fields = field_shapes(fingerprint)
@@ -297,7 +306,7 @@ class StoreWriter:
         # Leftovers of a crashed writer of this shard: never committed, safe to remove.
         for stale in shards.glob(f"{TMP_PREFIX}{shard_name(shard)}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = shards / f"{TMP_PREFIX}{shard_name(shard)}-{socket.gethostname()}-{os.getpid()}"
+        tmp = shards / f"{TMP_PREFIX}{shard_name(shard)}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         return ShardWriter(self, shard, tmp, records)
 
 

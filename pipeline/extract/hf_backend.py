@@ -1,0 +1,92 @@
+"""Hugging Face transformers backend: one forward per batch with ``output_hidden_states``.
+
+What is taken from the forward (see storage_layout.md):
+- ``hidden_last`` = ``hidden_states[-1]``: last decoder layer output after the final norm (input of lm_head);
+- ``hidden_aux``  = ``hidden_states[i]`` for the aux ids: input of decoder layer i, before any norm;
+- top-k of ``log_softmax(logits)`` in fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from pipeline.store import TargetPieces
+
+# Bounds the fp32 [tokens, vocab] log-softmax buffer (128k vocab x 2048 tokens = 1 GiB).
+LOGPROB_CHUNK_TOKENS = 2048
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class HFBackend:
+    """Runs an HF causal LM and returns, per sample, the tensors the store keeps."""
+
+    name = "hf"
+
+    def __init__(self, model_dir: Path, device: str = "auto", compute_dtype: str = "auto"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_dir = Path(model_dir)
+        self.device = pick_device(device)
+        if compute_dtype == "auto":  # bf16 matmuls are ~500x slower than fp32 on CPUs without native bf16
+            compute_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.compute_dtype = getattr(torch, compute_dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.compute_dtype)
+        self.model.to(self.device).eval()
+        self.config = self.model.config.to_dict()
+        self.num_layers = int(self.model.config.num_hidden_layers)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def target_pieces(self) -> TargetPieces:
+        inner = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.model
+        weights = {
+            "embed_tokens.weight": self.model.get_input_embeddings().weight,
+            "norm.weight": inner.norm.weight,
+            "lm_head.weight": self.model.get_output_embeddings().weight,
+        }
+        # Tied embeddings share storage; safetensors refuses shared tensors, so store independent copies.
+        weights = {k: v.detach().to("cpu").clone() for k, v in weights.items()}
+        return TargetPieces(config=self.config, weights=weights, tokenizer=self.tokenizer)
+
+    @torch.inference_mode()
+    def forward(self, batch: list[list[int]], aux_layers: list[int], top_k: int,
+                want_last: bool, want_aux: bool) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+        """Right-padded batch forward; returns per sample {hidden_last [L,H], hidden_aux [L,A,H], topk_*}."""
+        lengths = [len(x) for x in batch]
+        width = max(lengths)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, x in enumerate(batch):
+            ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+            mask[i, : len(x)] = 1
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         output_hidden_states=True, use_cache=False)  # fmt: skip
+        hidden = out.hidden_states
+        results = []
+        for i, n in enumerate(lengths):
+            sample: dict[str, torch.Tensor] = {}
+            if want_last:
+                sample["hidden_last"] = hidden[-1][i, :n].float()
+            if want_aux:
+                sample["hidden_aux"] = torch.stack([hidden[a][i, :n] for a in aux_layers], dim=1).float()
+            sample["topk_logprobs"], sample["topk_ids"] = topk_logprobs(out.logits[i, :n], top_k)
+            results.append({k: v.to("cpu", non_blocking=True) for k, v in sample.items()})
+        return results
+
+
+def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``log_softmax(logits).topk(k)`` in token chunks; returns (values fp32, ids int32)."""
+    values, ids = [], []
+    for start in range(0, logits.shape[0], LOGPROB_CHUNK_TOKENS):
+        lp = torch.log_softmax(logits[start:start + LOGPROB_CHUNK_TOKENS].float(), dim=-1)
+        v, j = lp.topk(k, dim=-1)
+        values.append(v)
+        ids.append(j.to(torch.int32))
+    return torch.cat(values), torch.cat(ids)

@@ -1,0 +1,351 @@
+"""`pipeline extract`: stream records, tokenize, run the target per shard, write through the store.
+
+Record j of the selection belongs to shard j // shard_size and shard s to rank s % world_size, so N workers fill
+one directory without talking to each other. Forward batches never cross a shard, so tensors do not depend on the
+number of workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline import data as data_mod
+from pipeline.assets import cache_dir, resolve_data, resolve_model
+from pipeline.store import (
+    FORMAT_VERSION,
+    HIDDEN_DTYPES,
+    SampleMeta,
+    StoreError,
+    StoreWriter,
+    canonical_json,
+    sha256_file,
+    sha256_files,
+)
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")  # fmt: skip
+MAX_INFLIGHT_WRITES = 4  # batches queued for the writer thread; bounds host memory
+
+
+@dataclass
+class ExtractConfig:
+    out: Path
+    model: str | None = None
+    data: str | None = None
+    kind: str = "chat"  # chat | fim
+    fim_tokens: tuple[str, str, str] = data_mod.DEFAULT_FIM_TOKENS
+    offset: int = 0
+    limit: int | None = None
+    ids_file: str | None = None
+    max_length: int = 2048
+    top_k: int = 32
+    hidden_dtype: str = "bfloat16"
+    stored_for: str = "both"  # eagle1 | eagle3 | both
+    aux_layers: list[int] | None = None
+    shard_size: int = 256
+    chunk_tokens: int = 8192
+    codec: str = "none"
+    batch_tokens: int = 8192
+    device: str = "auto"
+    compute_dtype: str = "auto"
+    backend: str = "hf"
+    rank: int | None = None
+    world_size: int | None = None
+    progress: bool = True
+    backend_options: dict = field(default_factory=dict)
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit flags, else torchrun's RANK/WORLD_SIZE, else SLURM's, else a single worker."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", 1)))
+    if not 0 <= rank < world_size:
+        raise ValueError(f"--rank {rank} is not in [0, --world-size {world_size})")
+    return rank, world_size
+
+
+def default_aux_layers(num_layers: int) -> list[int]:
+    return [2, num_layers // 2, num_layers - 3]
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """sha256 over the model's weight files; cached by (path, size, mtime) since an 8B model is 16 GB to read."""
+    files = sorted(p for p in model_dir.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        raise StoreError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    cache_path = cache_dir() / "weight-hashes.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    key = canonical_json([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    if key not in cache:
+        cache[key] = sha256_files(files, model_dir)
+        tmp = cache_path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, cache_path)
+    return cache[key]
+
+
+def config_sha256(config: dict) -> str:
+    volatile = {"transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset"}
+    return hashlib.sha256(canonical_json({k: v for k, v in config.items() if k not in volatile}).encode()).hexdigest()
+
+
+def tokenizer_fingerprint(model_dir: Path, tokenizer) -> dict:
+    files = [model_dir / n for n in TOKENIZER_FILES if (model_dir / n).exists()]
+    return {
+        "sha256": sha256_files(files, model_dir) if files else "",
+        "chat_template_sha256": hashlib.sha256((tokenizer.chat_template or "").encode()).hexdigest(),
+    }
+
+
+def build_fingerprint(cfg: ExtractConfig, model_dir: Path, data_path: Path, config: dict, tokenizer,
+                      num_layers: int, aux: list[int], backend: str) -> dict:  # fmt: skip
+    stored = {"both": ["hidden_last", "hidden_aux"], "eagle1": ["hidden_last"], "eagle3": ["hidden_aux"]}[cfg.stored_for]
+    ids_sha = sha256_file(Path(cfg.ids_file)) if cfg.ids_file else None
+    return {
+        "format_version": FORMAT_VERSION,
+        "code_version": __version__,
+        "backend": backend,
+        "model": {"name": model_dir.name, "path": str(model_dir.resolve()), "config_sha256": config_sha256(config),
+                  "weights_sha256": weights_sha256(model_dir), "num_layers": num_layers,
+                  "hidden_size": int(config["hidden_size"]), "vocab_size": int(config["vocab_size"])},
+        "tokenizer": tokenizer_fingerprint(model_dir, tokenizer),
+        "layers": {"aux": aux, "last": num_layers, "stored": stored},
+        "dtypes": {"hidden": cfg.hidden_dtype, "topk_logprobs": "float32", "input_ids": "int32"},
+        "top_k": cfg.top_k,
+        "max_length": cfg.max_length,
+        "data": {"path": str(data_path.resolve()), "sha256": sha256_file(data_path), "format": _container(data_path),
+                 "kind": cfg.kind, "fim_tokens": list(cfg.fim_tokens) if cfg.kind == "fim" else None,
+                 "selection": {"offset": cfg.offset, "limit": cfg.limit, "ids_sha256": ids_sha}},
+        "sharding": {"shard_size": cfg.shard_size, "chunk_tokens": cfg.chunk_tokens, "codec": cfg.codec},
+    }  # fmt: skip
+
+
+def _container(path: Path) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return "sharegpt" if head.startswith(b"[") else "jsonl"
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+
+
+def iter_selection(path: Path, kind: str, offset: int, limit: int | None, ids: set[str] | None,
+                   report: data_mod.StreamReport) -> Iterator[data_mod.Record | data_mod.Skip]:  # fmt: skip
+    """The selected records (good and skipped alike) in file order: the unit that shards are cut from."""
+    stream = data_mod.read_records(path, kind=kind, report=report)
+    if ids is not None:
+        stream = (r for r in stream if r.record_id in ids)
+    stop = None if limit is None else offset + limit
+    return itertools.islice(stream, offset, stop)
+
+
+def count_selection(path: Path, kind: str, offset: int, limit: int | None, ids: set[str] | None) -> tuple[int, dict]:
+    report = data_mod.StreamReport(path=str(path), format="", records_seen=0, truncated=False,
+                                   truncated_at_byte=None, bytes_read=0)  # fmt: skip
+    n = sum(1 for _ in iter_selection(path, kind, offset, limit, ids, report))
+    return n, asdict(report)
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+
+def length_buckets(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices grouped longest-first so that padded width x batch size stays within batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, current = [], []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) + 1) * width > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def make_backend(cfg: ExtractConfig, model_dir: Path):
+    if cfg.backend == "hf":
+        from pipeline.extract.hf_backend import HFBackend
+
+        return HFBackend(model_dir, device=cfg.device, compute_dtype=cfg.compute_dtype)
+    if cfg.backend == "vllm":
+        from pipeline.extract.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_dir, **cfg.backend_options)
+    raise ValueError(f"--backend {cfg.backend!r}: choose hf or vllm")
+
+
+def run_extract(cfg: ExtractConfig) -> dict:
+    """Extract this worker's shards; returns the summary printed by the CLI."""
+    t0 = time.time()
+    rank, world = resolve_rank(cfg.rank, cfg.world_size)
+    if cfg.hidden_dtype not in HIDDEN_DTYPES:
+        raise ValueError(f"--hidden-dtype {cfg.hidden_dtype!r}: choose one of {', '.join(HIDDEN_DTYPES)}")
+    model_dir = resolve_model(cfg.model)
+    data_path = resolve_data(cfg.data)
+    ids = _read_ids(cfg.ids_file) if cfg.ids_file else None
+    backend = make_backend(cfg, model_dir)
+    tokenizer = backend.tokenizer
+    n_layers = backend.num_layers
+    aux = list(cfg.aux_layers) if cfg.aux_layers else default_aux_layers(n_layers)
+    bad = [a for a in aux if not 0 <= a <= n_layers]
+    if bad:
+        raise ValueError(f"--aux-layers {bad}: hidden-state indices must lie in [0, {n_layers}] for this model")
+    vocab = int(backend.config["vocab_size"])
+    if not 1 <= cfg.top_k <= vocab:
+        raise ValueError(f"--top-k {cfg.top_k}: must lie in [1, vocab size {vocab}]")
+    if cfg.kind == "fim":
+        data_mod.check_fim_tokens(tokenizer, cfg.fim_tokens)
+
+    fingerprint = build_fingerprint(cfg, model_dir, data_path, backend.config, tokenizer, n_layers, aux, backend.name)
+    n_records, stream_report = count_selection(data_path, cfg.kind, cfg.offset, cfg.limit, ids)
+    n_shards = -(-n_records // cfg.shard_size)
+    plan = {"records": n_records, "shards": n_shards, "shard_size": cfg.shard_size}
+    writer = StoreWriter(cfg.out, fingerprint, plan, backend.target_pieces(), rank=rank, world_size=world)
+    mine = [s for s in range(n_shards) if s % world == rank]
+    todo = [s for s in mine if not writer.is_committed(s)]
+    want_last = "hidden_last" in fingerprint["layers"]["stored"]
+    want_aux = "hidden_aux" in fingerprint["layers"]["stored"]
+
+    totals: Counter[str] = Counter()
+    skipped: Counter[str] = Counter()
+    quarantined: list[dict] = []
+    commits: list[Future] = []
+    bar = tqdm(total=sum(min(cfg.shard_size, n_records - s * cfg.shard_size) for s in todo), unit="rec",
+               desc=f"extract rank {rank}/{world}", disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
+    compute_s = 0.0
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
+        inflight: list[Future] = []
+
+        def submit(fn, *args) -> Future:
+            fut = pool.submit(fn, *args)
+            inflight.append(fut)
+            while len(inflight) > MAX_INFLIGHT_WRITES:
+                inflight.pop(0).result()  # re-raises a writer error in the main thread
+            return fut
+
+        for shard, records in _shards_of(data_path, cfg, ids, set(todo)):
+            start = shard * cfg.shard_size
+            sw = writer.begin_shard(shard, (start, start + len(records)))
+            samples = []
+            for sel, rec in enumerate(records, start):
+                if isinstance(rec, data_mod.Skip):
+                    sw.skip(rec.source_index, rec.record_id, rec.reason, rec.detail)
+                    continue
+                try:
+                    tok = _tokenize(tokenizer, rec, cfg)
+                except data_mod.RenderError as e:
+                    sw.skip(rec.source_index, rec.record_id, "render_error", f"{data_path} record #{rec.source_index} "
+                            f"(id {rec.record_id!r}): {e}")  # fmt: skip
+                    continue
+                if sum(tok.loss_mask) == 0:
+                    sw.skip(rec.source_index, rec.record_id, "no_loss_tokens",
+                            f"{data_path} record #{rec.source_index} (id {rec.record_id!r}): no assistant token "
+                            f"left within --max-length {cfg.max_length}")  # fmt: skip
+                    continue
+                samples.append((SampleMeta(sel, rec.source_index, rec.record_id, tok.truncated), tok))
+            bar.update(len(records) - len(samples))
+            for batch in length_buckets([len(t.input_ids) for _, t in samples], cfg.batch_tokens):
+                tb = time.time()
+                outs = backend.forward([samples[i][1].input_ids for i in batch], aux, cfg.top_k, want_last, want_aux)
+                compute_s += time.time() - tb
+                for i, out in zip(batch, outs, strict=True):
+                    meta, tok = samples[i]
+                    out["input_ids"] = _int_tensor(tok.input_ids, "int32")
+                    out["loss_mask"] = _int_tensor(tok.loss_mask, "bool")
+                    totals["tokens"] += len(tok.input_ids)
+                submit(_append_all, sw, [samples[i][0] for i in batch], outs)
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{totals['tokens'] / max(time.time() - t0, 1e-9):.0f}")
+            commits.append(submit(sw.commit))
+        for fut in inflight:
+            fut.result()
+    bar.close()
+    for fut in commits:
+        stats = fut.result()
+        totals["samples"] += stats["samples"]
+        totals["stored_tokens"] += stats["tokens"]
+        totals["loss_tokens"] += stats["loss_tokens"]
+        skipped.update(stats["skipped"])
+        quarantined += stats["quarantined"]
+    wall = time.time() - t0
+    stored_bytes = _dir_bytes(cfg.out, [writer.shard_dir(s) for s in todo])
+    return {
+        "store": str(cfg.out), "rank": rank, "world_size": world, "backend": backend.name,
+        "shards": {"planned": n_shards, "mine": len(mine), "written": len(todo), "already_committed": len(mine) - len(todo)},
+        "records_selected": n_records,
+        "samples_written": totals["samples"], "skipped": dict(sorted(skipped.items())),
+        "quarantined": len(quarantined), "quarantined_samples": quarantined[:20],
+        "tokens": totals["stored_tokens"], "loss_tokens": totals["loss_tokens"],
+        "bytes_written": stored_bytes,
+        "bytes_per_token": stored_bytes / totals["stored_tokens"] if totals["stored_tokens"] else 0.0,
+        "wall_s": round(wall, 2), "forward_s": round(compute_s, 2),
+        "tokens_per_s": round(totals["stored_tokens"] / wall, 1) if wall else 0.0,
+        "source": stream_report,
+    }  # fmt: skip
+
+
+def _append_all(sw, metas, outs) -> None:
+    for meta, out in zip(metas, outs, strict=True):
+        sw.append(meta, out)
+
+
+def _int_tensor(values: list[int], dtype: str):
+    import torch
+
+    return torch.tensor(values, dtype=getattr(torch, dtype))
+
+
+def _tokenize(tokenizer, rec: data_mod.Record, cfg: ExtractConfig) -> data_mod.Tokenized:
+    if cfg.kind == "fim":
+        return data_mod.tokenize_fim(tokenizer, rec.fim, cfg.max_length, cfg.fim_tokens)
+    return data_mod.tokenize_chat(tokenizer, rec.messages, cfg.max_length)
+
+
+def _shards_of(path: Path, cfg: ExtractConfig, ids: set[str] | None, wanted: set[int]) -> Iterator[tuple[int, list]]:
+    """Stream the selection once, yielding (shard, records) for the wanted shards only."""
+    if not wanted:
+        return
+    report = data_mod.StreamReport(path=str(path), format="", records_seen=0, truncated=False,
+                                   truncated_at_byte=None, bytes_read=0)  # fmt: skip
+    current, buf = None, []
+    last = max(wanted)
+    for j, rec in enumerate(iter_selection(path, cfg.kind, cfg.offset, cfg.limit, ids, report)):
+        shard = j // cfg.shard_size
+        if shard > last:
+            break
+        if shard != current:
+            if current in wanted:
+                yield current, buf
+            current, buf = shard, []
+        if shard in wanted:
+            buf.append(rec)
+    if current in wanted:
+        yield current, buf
+
+
+def _read_ids(path: str) -> set[str]:
+    ids = {line.strip() for line in Path(path).read_text().splitlines() if line.strip()}
+    if not ids:
+        raise ValueError(f"--ids {path}: no record ids in the file")
+    return ids
+
+
+def _dir_bytes(root: Path, dirs: list[Path]) -> int:
+    return sum(p.stat().st_size for d in dirs if d.exists() for p in d.rglob("*") if p.is_file())

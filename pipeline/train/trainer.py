@@ -1,0 +1,300 @@
+"""`pipeline train`: the loop, top to bottom. Store → packed batches → draft objective → DeepSpeed step.
+
+The run directory holds everything a run produces: the resolved config (with the store fingerprint it trained on
+and the code version), metrics.jsonl, DeepSpeed checkpoints (the last K, plus best/ by held-out simulated τ),
+final/ weights, summary.json and curves.png. The store is only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.store import StoreError, StoreReader, missing_fingerprint_fields, verify_store
+from pipeline.train import variants
+from pipeline.train.engine import Engine, EngineConfig, setup_distributed
+from pipeline.train.loader import PackedLoader, Prefetcher, collate, pack_samples, split_samples
+from pipeline.train.metrics import MetricsLog, plot_curves
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+CKPT_DIR = "checkpoints"
+# Changing these between a run and its resume does not change what is computed.
+RESUME_FREE = {"resume", "wandb_project", "progress", "log_every", "verify_checksums"}
+
+
+@dataclass
+class TrainConfig:
+    feats: str
+    out: str
+    variant: str = "eagle1"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 3e-4
+    warmup_steps: int | None = None  # default: 5% of the steps, at most the reference's 2000
+    seed: int = 0
+    tokens_per_batch: int = 2048
+    packing: bool = True
+    grad_accum: int = 1
+    clip: float = 0.5
+    weight_decay: float = 0.0
+    zero_stage: int = 0
+    deepspeed: str | None = None
+    precision: str = "auto"
+    save_every: int = 0  # 0: only at the end
+    keep_last: int = 2
+    log_every: int = 1
+    eval_every: int = 0  # 0: at the end only (when val_fraction > 0)
+    val_fraction: float = 0.0
+    target: str = "topk"  # topk | full
+    noise: str = "uniform"  # uniform | none
+    noise_std: float = 0.2
+    noise_scale_by_length: bool = False
+    v_weight: float = 1.0
+    p_weight: float = 0.1
+    ttt_steps: int = 7
+    step_decay: float = 0.8
+    draft_vocab_size: int = 32000
+    activation_checkpointing: bool = False
+    wandb_project: str | None = None
+    verify_checksums: bool = False
+    resume: bool = False
+    progress: bool = True
+
+    def engine_config(self, total_steps: int) -> EngineConfig:
+        warmup = self.warmup_steps if self.warmup_steps is not None else min(2000, max(1, total_steps // 20))
+        return EngineConfig(lr=self.lr, warmup_steps=warmup, total_steps=total_steps, grad_accum=self.grad_accum,
+                            clip=self.clip, weight_decay=self.weight_decay, zero_stage=self.zero_stage,
+                            precision=self.precision, user_config=self.deepspeed)  # fmt: skip
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start as asked; the message says why and what to do."""
+
+
+def open_store(cfg: TrainConfig) -> StoreReader:
+    """Open the store read-only and refuse anything that would train silently wrong."""
+    reader = StoreReader(cfg.feats)  # refuses an incomplete store, naming the missing shards
+    missing = missing_fingerprint_fields(reader.fingerprint)
+    if missing:
+        raise StoreError(f"{cfg.feats}: fingerprint incomplete, missing {', '.join(missing)}")
+    if cfg.verify_checksums:
+        problems = verify_store(cfg.feats)
+        if problems:
+            raise StoreError(f"{cfg.feats}: verify failed:\n  " + "\n  ".join(problems))
+    last = reader.last_verify()
+    if last is not None and not last["ok"]:
+        raise StoreError(f"{cfg.feats}: the last `pipeline verify` failed ({len(last['problems'])} problems, first: "
+                         f"{last['problems'][:1]}); fix or re-extract, then run `pipeline verify` again")  # fmt: skip
+    need = set(variants.required_fields(cfg))
+    if not need <= reader.has:
+        raise StoreError(f"{cfg.feats}: variant {cfg.variant} with --target {cfg.target} needs "
+                         f"{', '.join(sorted(need - reader.has))}, which this store does not hold (stored: "
+                         f"{', '.join(sorted(reader.has))}); re-extract with --for both")  # fmt: skip
+    return reader
+
+
+def _check_run_dir(cfg: TrainConfig, run_dir: Path, fingerprint_digest: str) -> bool:
+    """Returns True when this run continues an earlier one in the same directory."""
+    ckpt = run_dir / CKPT_DIR / "latest"
+    recorded = run_dir / CONFIG_FILE
+    if not recorded.exists():
+        if cfg.resume:
+            raise TrainError(f"--resume: {run_dir} holds no run to resume")
+        return False
+    old = json.loads(recorded.read_text())
+    if old.get("store_fingerprint_digest") != fingerprint_digest:
+        raise TrainError(f"{run_dir} was trained on another store (fingerprint {old.get('store_fingerprint_digest')});"
+                         f" {cfg.feats} has {fingerprint_digest}. Use a new --out.")  # fmt: skip
+    diffs = [f"{k}: run has {old['train'].get(k)!r}, now {v!r}" for k, v in asdict(cfg).items()
+             if k not in RESUME_FREE and old["train"].get(k) != v]  # fmt: skip
+    if diffs:
+        raise TrainError(f"{run_dir} holds a run with a different config; use a new --out, or the same flags to "
+                         "resume it. Differences:\n  " + "\n  ".join(diffs))  # fmt: skip
+    if (run_dir / SUMMARY_FILE).exists():
+        raise TrainError(f"{run_dir} holds a finished run (summary.json); use a new --out for a new run")
+    if not ckpt.exists():
+        if cfg.resume:
+            raise TrainError(f"--resume: {run_dir} has no checkpoint yet")
+        return False
+    return True
+
+
+def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    # Per-step RNG from (seed, step, micro, rank): noise is identical with or without a resume in between.
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+
+def train(cfg: TrainConfig) -> dict:
+    rank, world, device = setup_distributed()
+    reader = open_store(cfg)
+    run_dir = Path(cfg.out)
+    resuming = _check_run_dir(cfg, run_dir, reader.digest)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    train_idx, val_idx = split_samples(reader, cfg.val_fraction, cfg.seed)
+    fields_needed = variants.required_fields(cfg)
+    loader = PackedLoader(reader, train_idx, fields_needed, cfg.tokens_per_batch, cfg.seed, rank, world, cfg.packing)
+    packs_per_epoch = loader.packs_per_epoch()
+    if packs_per_epoch == 0:
+        raise TrainError(f"{cfg.feats}: {len(train_idx)} training samples make no pack for {world} ranks")
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * packs_per_epoch / cfg.grad_accum))
+    waste = loader.waste(0)
+
+    torch.manual_seed(cfg.seed)
+    model, objective, build_info = variants.build(cfg, reader)
+    if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing"):
+        model.gradient_checkpointing = True
+    engine = Engine(model, cfg.engine_config(total_steps), device)
+
+    record = {"train": asdict(cfg), "store": str(Path(cfg.feats).resolve()), "store_fingerprint_digest": reader.digest,
+              "store_fingerprint": reader.fingerprint, "code_version": __version__, "world_size": world,
+              "total_steps": total_steps, "packs_per_epoch": packs_per_epoch, "draft": build_info,
+              "deepspeed": engine.config}  # fmt: skip
+    step = 0
+    if resuming:
+        client = engine.load(run_dir / CKPT_DIR)
+        if client is None:
+            raise TrainError(f"{run_dir / CKPT_DIR}: no loadable checkpoint")
+        step = client["step"]
+        loader.state.epoch, loader.state.pack = client["loader"]["epoch"], client["loader"]["pack"]
+        torch.set_rng_state(client["rng"]["torch"])
+        np.random.set_state(client["rng"]["numpy"])
+    elif rank == 0:
+        (run_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str))
+    log = MetricsLog(run_dir, step if resuming else None, cfg.wandb_project, record, enabled=rank == 0)
+    if rank == 0:
+        log.log({"kind": "info", "step": step, "resumed": resuming, "packing_waste": waste,
+                 "packs_per_epoch": packs_per_epoch, "train_samples": len(train_idx), "val_samples": len(val_idx),
+                 **{k: v for k, v in build_info.items() if isinstance(v, (int, float))}})  # fmt: skip
+
+    val_batches = _val_batches(reader, val_idx, fields_needed, cfg, rank, world)
+    best_tau = -math.inf
+    if resuming and (run_dir / "best" / "best.json").exists():
+        best_tau = json.loads((run_dir / "best" / "best.json").read_text())["tau"]
+    prefetch = Prefetcher(loader, depth=4)
+    bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.variant}", disable=rank != 0 or not cfg.progress,
+               dynamic_ncols=True)  # fmt: skip
+    first, last = None, None
+    started = time.time()
+    try:
+        while step < total_steps:
+            t0 = time.perf_counter()
+            wait0 = prefetch.wait_s
+            sums: dict[str, float] = {}
+            tokens = 0.0
+            batch_tokens = 0
+            engine.module.train()
+            for micro in range(cfg.grad_accum):
+                state, batch = next(prefetch)
+                torch.manual_seed(_step_seed(cfg.seed, step, micro, rank))
+                loss, metrics = variants.loss(cfg, engine.module, engine.to_device(batch), objective)
+                engine.backward_step(loss)
+                n = metrics.get("tokens", 1.0)
+                tokens += n
+                batch_tokens += int((batch["doc_ids"] >= 0).sum())
+                for k, v in metrics.items():
+                    if k != "tokens":
+                        sums[k] = sums.get(k, 0.0) + v * n
+                loader_state = state
+            step += 1
+            mean = engine.all_mean({k: v / max(tokens, 1e-9) for k, v in sums.items()},
+                                   {k: tokens for k in sums})  # fmt: skip
+            elapsed = time.perf_counter() - t0
+            total_tok, wait = engine.all_sum([batch_tokens, prefetch.wait_s - wait0])
+            rec = {"kind": "train", "step": step, "lr": engine.lr, "tokens_per_s": total_tok / elapsed,
+                   "loader_wait_s": wait / world, "step_s": elapsed, "epoch": loader_state.epoch, **mean}  # fmt: skip
+            first = first or rec
+            last = rec
+            if rank == 0 and (step % cfg.log_every == 0 or step == total_steps):
+                log.log(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec.get('acc', 0):.3f}",
+                                tok_s=f"{rec['tokens_per_s']:.0f}", wait=f"{wait / world / elapsed:.0%}")  # fmt: skip
+            bar.update(1)
+            client = {"step": step, "loader": loader_state.as_dict(),
+                      "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()}}  # fmt: skip
+            evaluate_now = val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or step == total_steps)
+            if evaluate_now:
+                val = _evaluate(cfg, engine, val_batches, objective)
+                if rank == 0:
+                    log.log({"kind": "val", "step": step, **val})
+                if val["tau"] > best_tau:
+                    best_tau = val["tau"]
+                    _save_weights(engine, run_dir / "best", cfg, build_info, {"step": step, **val}, rank)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+                engine.save(run_dir / CKPT_DIR, f"step{step}", client, cfg.keep_last)
+    finally:
+        prefetch.close()
+        bar.close()
+    _save_weights(engine, run_dir / "final", cfg, build_info, {"step": step}, rank)
+    summary = {"steps": step, "total_steps": total_steps, "wall_s": round(time.time() - started, 2),
+               "first": first, "last": last, "packing_waste": waste, "best_val_tau": best_tau if val_batches else None,
+               "world_size": world, "run_dir": str(run_dir)}  # fmt: skip
+    if rank == 0:
+        log.close()
+        plot_curves(run_dir, run_dir / "curves.png")
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    engine.barrier()
+    return summary
+
+
+def _val_batches(reader, val_idx, fields_needed, cfg: TrainConfig, rank: int, world: int) -> list[dict]:
+    if len(val_idx) == 0:
+        return []
+    order = np.sort(val_idx)
+    packs = pack_samples(reader.lengths, order, cfg.tokens_per_batch) if cfg.packing else [
+        [(int(i), min(int(reader.lengths[i]), cfg.tokens_per_batch))] for i in order]  # fmt: skip
+    return [collate(reader, p, fields_needed, cfg.tokens_per_batch) for p in packs[rank::world]]
+
+
+@torch.no_grad()
+def _evaluate(cfg: TrainConfig, engine: Engine, batches: list[dict], objective) -> dict:
+    engine.module.eval()
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for batch in batches:
+        for k, (value, weight) in variants.evaluate(cfg, engine.module, engine.to_device(batch), objective).items():
+            sums[k] = sums.get(k, 0.0) + value * weight
+            weights[k] = weights.get(k, 0.0) + weight
+    keys = sorted(set(sums) | set(variants.eval_keys(cfg)))
+    mean = engine.all_mean({k: sums.get(k, 0.0) / max(weights.get(k, 0.0), 1e-9) for k in keys},
+                           {k: weights.get(k, 0.0) for k in keys})  # fmt: skip
+    mean["tau"] = variants.simulated_tau(cfg, mean)
+    return mean
+
+
+def _save_weights(engine: Engine, out: Path, cfg: TrainConfig, build_info: dict, meta: dict, rank: int) -> None:
+    """Full draft weights (incl. frozen embeddings) as safetensors + the draft config, for export."""
+    from safetensors.torch import save_file
+
+    state = engine.full_state_dict()
+    if rank == 0:
+        tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        (tmp / "draft.json").write_text(json.dumps({"variant": cfg.variant, "draft": build_info, "train": asdict(cfg),
+                                                    "code_version": __version__}, indent=2, default=str))  # fmt: skip
+        (tmp / f"{out.name}.json").write_text(json.dumps(meta, indent=2, default=str))
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    engine.barrier()
+
+
+def config_from_kwargs(**kw) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in kw.items() if k in names and v is not None})
