@@ -48,7 +48,7 @@ def main() -> None:
               show_default=True, help="eagle1 keeps only the last hidden state, eagle3 only the aux layers.")  # fmt: skip
 @click.option("--aux-layers", default=None, help="HF hidden-state indices for EAGLE-3 (default 2,N//2,N-3).")
 @click.option("--shard-size", type=int, default=256, show_default=True, help="Source records per shard.")
-@click.option("--chunk-tokens", type=int, default=8192, show_default=True, help="Zarr chunk length (tokens).")
+@click.option("--chunk-tokens", type=int, default=4096, show_default=True, help="Zarr chunk length (tokens).")
 @click.option("--codec", type=click.Choice(["none", "zstd", "blosc"]), default="none", show_default=True)
 @click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Padded tokens per forward.")
 @click.option("--device", default="auto", show_default=True)
@@ -105,7 +105,8 @@ def format_extract_summary(s: dict) -> str:
         f"quarantined      {s['quarantined']}",
         f"tokens           {s['tokens']} ({s['loss_tokens']} loss tokens)",
         f"bytes            {s['bytes_written']:,} ({s['bytes_per_token']:.0f} B/token)",
-        f"wall             {s['wall_s']} s (forward {s['forward_s']} s), {s['tokens_per_s']} tokens/s",
+        f"wall             {s['wall_s']} s (extraction loop {s['loop_s']} s, forward {s['forward_s']} s), "
+        f"{s['tokens_per_s']} tokens/s",
     ]
     if src.get("truncated"):
         lines.append(f"source           {src['path']} is truncated at byte {src['truncated_at_byte']:,}: "

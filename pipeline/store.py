@@ -32,6 +32,7 @@ VERIFY_FILE = "verify.arrow"
 TARGET_DIR = "target"
 SHARDS_DIR = "shards"
 TENSORS_DIR = "tensors"
+STAGING_DIR = "staging"
 INDEX_FILE = "index.arrow"
 COUNTS_FILE = "token_counts.arrow"
 COMMIT_FILE = "commit.arrow"
@@ -314,38 +315,19 @@ class ShardWriter:
     """Appends samples token-major to one shard's Zarr arrays; `commit` publishes the shard atomically."""
 
     def __init__(self, store: StoreWriter, shard: int, tmp: Path, records: tuple[int, int]):
-        import zarr
-        from zarr.storage import LocalStore
-
         self.store, self.shard, self.tmp, self.records = store, shard, tmp, records
-        fp = store.fingerprint
-        self.chunk = int(fp["sharding"]["chunk_tokens"])
-        codec = fp["sharding"]["codec"]
-        tmp.mkdir(parents=True)
-        group = zarr.open_group(LocalStore(str(tmp / TENSORS_DIR)), mode="w")
-        self.arrays = {}
-        self.logical = {}
-        for name, (tail, logical) in store.fields.items():
-            dt = storage_dtype(logical)
-            self.arrays[name] = group.create_array(
-                name, shape=(0, *tail), chunks=(self.chunk, *tail), dtype=dt, fill_value=0,
-                compressors=_compressors(codec, dt.itemsize), config={"write_empty_chunks": True},
-                attributes={"pipeline_dtype": logical},
-            )  # fmt: skip
-            self.logical[name] = logical
-        self.pending: dict[str, list[np.ndarray]] = {n: [] for n in self.arrays}
-        self.pending_rows = 0
-        self.written_rows = 0  # rows flushed to zarr (a multiple of the chunk size until the final flush)
+        self.max_chunk = int(store.fingerprint["sharding"]["chunk_tokens"])
+        (tmp / STAGING_DIR).mkdir(parents=True)
+        # Rows are appended raw to staging files and turned into Zarr arrays at commit, once the shard's length
+        # is known: that lets the chunk length divide the shard almost exactly (Zarr v3 pads edge chunks).
+        self.staging = {name: open(tmp / STAGING_DIR / f"{name}.raw", "wb") for name in store.fields}
+        self.tokens = 0
         self.index_rows: list[dict] = []
         self.counts: Counter[int] = Counter()
         self.skipped: Counter[str] = Counter()
         self.skipped_records: list[dict] = []
         self.quarantined: list[dict] = []
         self.started = time.time()
-
-    @property
-    def tokens(self) -> int:
-        return self.written_rows + self.pending_rows
 
     def skip(self, source_index: int, record_id: str, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
@@ -355,19 +337,20 @@ class ShardWriter:
 
     def append(self, meta: SampleMeta, tensors: dict[str, torch.Tensor]) -> bool:
         """Store one sample; returns False (and quarantines it) when a tensor is not finite after the cast."""
-        if set(tensors) != set(self.arrays):
+        if set(tensors) != set(self.store.fields):
             raise StoreError(f"shard {self.shard}: sample {meta.sample_id} has fields {sorted(tensors)}, "
-                             f"store expects {sorted(self.arrays)}")  # fmt: skip
+                             f"store expects {sorted(self.store.fields)}")  # fmt: skip
         length = int(tensors["input_ids"].shape[0])
         stored = {}
         for name, t in tensors.items():
             if t.shape[0] != length or tuple(t.shape[1:]) != self.store.fields[name][0]:
                 raise StoreError(f"shard {self.shard}: sample {meta.sample_id} field {name} has shape "
                                  f"{tuple(t.shape)}, expected ({length}, *{self.store.fields[name][0]})")  # fmt: skip
-            arr = to_storage(t, self.logical[name])
-            if t.is_floating_point() and not _finite(arr, self.logical[name]):
+            logical = self.store.fields[name][1]
+            arr = to_storage(t, logical)
+            if t.is_floating_point() and not _finite(arr, logical):
                 self.quarantined.append({"sample_id": meta.sample_id, "record_id": meta.record_id, "field": name,
-                                         "reason": f"non-finite values after cast to {self.logical[name]}"})
+                                         "reason": f"non-finite values after cast to {logical}"})
                 return False
             stored[name] = arr
         loss_tokens = int(stored["loss_mask"].sum())
@@ -376,32 +359,45 @@ class ShardWriter:
                                 "record_id": meta.record_id, "offset": self.tokens, "length": length,
                                 "loss_tokens": loss_tokens, "truncated": meta.truncated})  # fmt: skip
         for name, arr in stored.items():
-            self.pending[name].append(arr)
-        self.pending_rows += length
-        if self.pending_rows >= self.chunk:
-            self._flush(final=False)
+            self.staging[name].write(np.ascontiguousarray(arr).tobytes())
+        self.tokens += length
         return True
 
-    def _flush(self, final: bool) -> None:
-        rows = self.pending_rows if final else (self.pending_rows // self.chunk) * self.chunk
-        if rows == 0:
-            return
-        start = self.written_rows
-        for name, parts in self.pending.items():
-            block = np.concatenate(parts, axis=0)
-            arr = self.arrays[name]
-            arr.resize((start + rows, *arr.shape[1:]))
-            arr[start:start + rows] = block[:rows]  # chunk-aligned: whole chunks written, none re-read
-            self.pending[name] = [block[rows:]] if rows < len(block) else []
-        self.pending_rows -= rows
-        self.written_rows += rows
+    def _write_zarr(self) -> None:
+        import zarr
+        from zarr.storage import LocalStore
+
+        for f in self.staging.values():
+            f.close()
+        n_chunks = max(1, -(-self.tokens // self.max_chunk))
+        chunk = max(1, -(-self.tokens // n_chunks))  # <= chunk_tokens, pads fewer than n_chunks rows in all
+        group = zarr.open_group(LocalStore(str(self.tmp / TENSORS_DIR)), mode="w")
+        codec = self.store.fingerprint["sharding"]["codec"]
+        for name, (tail, logical) in self.store.fields.items():
+            dt = storage_dtype(logical)
+            arr = group.create_array(
+                name, shape=(self.tokens, *tail), chunks=(chunk, *tail), dtype=dt, fill_value=0,
+                compressors=_compressors(codec, dt.itemsize), config={"write_empty_chunks": True},
+                attributes={"pipeline_dtype": logical},
+            )  # fmt: skip
+            raw = self.tmp / STAGING_DIR / f"{name}.raw"
+            if self.tokens:
+                rows = np.memmap(raw, dtype=dt, mode="r", shape=(self.tokens, *tail))
+                step = chunk * max(1, (64 << 20) // max(1, chunk * rows[:1].nbytes))  # ~64 MiB, whole chunks
+                for a in range(0, self.tokens, step):
+                    arr[a:a + step] = rows[a:a + step]
+                del rows
+            raw.unlink()
+        (self.tmp / STAGING_DIR).rmdir()
 
     def abort(self) -> None:
+        for f in self.staging.values():
+            f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def commit(self) -> dict:
-        """Flush, checksum, fsync and rename into place. Returns the commit statistics."""
-        self._flush(final=True)
+        """Write the Zarr arrays, checksum, fsync and rename into place. Returns the commit statistics."""
+        self._write_zarr()
         index = pa.Table.from_pylist(self.index_rows, schema=INDEX_SCHEMA)
         _write_arrow(self.tmp / INDEX_FILE, index)
         ids = np.array(sorted(self.counts), dtype=np.int32)

@@ -56,7 +56,7 @@ class ExtractConfig:
     stored_for: str = "both"  # eagle1 | eagle3 | both
     aux_layers: list[int] | None = None
     shard_size: int = 256
-    chunk_tokens: int = 8192
+    chunk_tokens: int = 4096
     codec: str = "none"
     batch_tokens: int = 8192
     device: str = "auto"
@@ -112,8 +112,8 @@ def tokenizer_fingerprint(model_dir: Path, tokenizer) -> dict:
     }
 
 
-def build_fingerprint(cfg: ExtractConfig, model_dir: Path, data_path: Path, config: dict, tokenizer,
-                      num_layers: int, aux: list[int], backend: str) -> dict:  # fmt: skip
+def build_fingerprint(cfg: ExtractConfig, model_dir: Path, data_path: Path, data_format: str, config: dict,
+                      tokenizer, num_layers: int, aux: list[int], backend: str) -> dict:  # fmt: skip
     stored = {"both": ["hidden_last", "hidden_aux"], "eagle1": ["hidden_last"], "eagle3": ["hidden_aux"]}[cfg.stored_for]
     ids_sha = sha256_file(Path(cfg.ids_file)) if cfg.ids_file else None
     return {
@@ -128,17 +128,11 @@ def build_fingerprint(cfg: ExtractConfig, model_dir: Path, data_path: Path, conf
         "dtypes": {"hidden": cfg.hidden_dtype, "topk_logprobs": "float32", "input_ids": "int32"},
         "top_k": cfg.top_k,
         "max_length": cfg.max_length,
-        "data": {"path": str(data_path.resolve()), "sha256": sha256_file(data_path), "format": _container(data_path),
+        "data": {"path": str(data_path.resolve()), "sha256": sha256_file(data_path), "format": data_format,
                  "kind": cfg.kind, "fim_tokens": list(cfg.fim_tokens) if cfg.kind == "fim" else None,
                  "selection": {"offset": cfg.offset, "limit": cfg.limit, "ids_sha256": ids_sha}},
         "sharding": {"shard_size": cfg.shard_size, "chunk_tokens": cfg.chunk_tokens, "codec": cfg.codec},
     }  # fmt: skip
-
-
-def _container(path: Path) -> str:
-    with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-    return "sharegpt" if head.startswith(b"[") else "jsonl"
 
 
 # ---------------------------------------------------------------------------------------------------- selection
@@ -191,8 +185,8 @@ def make_backend(cfg: ExtractConfig, model_dir: Path):
     raise ValueError(f"--backend {cfg.backend!r}: choose hf or vllm")
 
 
-def run_extract(cfg: ExtractConfig) -> dict:
-    """Extract this worker's shards; returns the summary printed by the CLI."""
+def run_extract(cfg: ExtractConfig, backend=None) -> dict:
+    """Extract this worker's shards; returns the summary printed by the CLI. ``backend``: reuse a loaded one."""
     t0 = time.time()
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     if cfg.hidden_dtype not in HIDDEN_DTYPES:
@@ -200,7 +194,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     model_dir = resolve_model(cfg.model)
     data_path = resolve_data(cfg.data)
     ids = _read_ids(cfg.ids_file) if cfg.ids_file else None
-    backend = make_backend(cfg, model_dir)
+    backend = backend or make_backend(cfg, model_dir)
     tokenizer = backend.tokenizer
     n_layers = backend.num_layers
     aux = list(cfg.aux_layers) if cfg.aux_layers else default_aux_layers(n_layers)
@@ -213,8 +207,9 @@ def run_extract(cfg: ExtractConfig) -> dict:
     if cfg.kind == "fim":
         data_mod.check_fim_tokens(tokenizer, cfg.fim_tokens)
 
-    fingerprint = build_fingerprint(cfg, model_dir, data_path, backend.config, tokenizer, n_layers, aux, backend.name)
     n_records, stream_report = count_selection(data_path, cfg.kind, cfg.offset, cfg.limit, ids)
+    fingerprint = build_fingerprint(cfg, model_dir, data_path, stream_report["format"], backend.config, tokenizer,
+                                    n_layers, aux, backend.name)
     n_shards = -(-n_records // cfg.shard_size)
     plan = {"records": n_records, "shards": n_shards, "shard_size": cfg.shard_size}
     writer = StoreWriter(cfg.out, fingerprint, plan, backend.target_pieces(), rank=rank, world_size=world)
@@ -240,6 +235,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
                 inflight.pop(0).result()  # re-raises a writer error in the main thread
             return fut
 
+        loop_t0 = time.time()
         for shard, records in _shards_of(data_path, cfg, ids, set(todo)):
             start = shard * cfg.shard_size
             sw = writer.begin_shard(shard, (start, start + len(records)))
@@ -285,6 +281,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
         skipped.update(stats["skipped"])
         quarantined += stats["quarantined"]
     wall = time.time() - t0
+    loop_s = time.time() - loop_t0
     stored_bytes = _dir_bytes(cfg.out, [writer.shard_dir(s) for s in todo])
     return {
         "store": str(cfg.out), "rank": rank, "world_size": world, "backend": backend.name,
@@ -295,8 +292,8 @@ def run_extract(cfg: ExtractConfig) -> dict:
         "tokens": totals["stored_tokens"], "loss_tokens": totals["loss_tokens"],
         "bytes_written": stored_bytes,
         "bytes_per_token": stored_bytes / totals["stored_tokens"] if totals["stored_tokens"] else 0.0,
-        "wall_s": round(wall, 2), "forward_s": round(compute_s, 2),
-        "tokens_per_s": round(totals["stored_tokens"] / wall, 1) if wall else 0.0,
+        "wall_s": round(wall, 2), "loop_s": round(loop_s, 2), "forward_s": round(compute_s, 2),
+        "tokens_per_s": round(totals["stored_tokens"] / loop_s, 1) if loop_s else 0.0,
         "source": stream_report,
     }  # fmt: skip
 
