@@ -80,6 +80,12 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
+def config_sha256(config: dict) -> str:
+    """Hash of a target's HF config, ignoring fields that record who wrote it rather than what it is."""
+    volatile = {"transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset"}
+    return digest({k: v for k, v in config.items() if k not in volatile})
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -30,6 +30,7 @@ from pipeline.store import (
     StoreError,
     StoreWriter,
     canonical_json,
+    config_sha256,
     sha256_file,
     sha256_files,
 )
@@ -97,11 +98,6 @@ def weights_sha256(model_dir: Path) -> str:
         tmp.write_text(json.dumps(cache))
         os.replace(tmp, cache_path)
     return cache[key]
-
-
-def config_sha256(config: dict) -> str:
-    volatile = {"transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset"}
-    return hashlib.sha256(canonical_json({k: v for k, v in config.items() if k not in volatile}).encode()).hexdigest()
 
 
 def tokenizer_fingerprint(model_dir: Path, tokenizer) -> dict:

@@ -1,0 +1,153 @@
+"""Config and target-distribution helpers shared by the two draft heads.
+
+Alignment convention of every training objective here (the store does not shift; see storage_layout.md):
+the draft at row ``t`` gets (feature at ``t``, token ``x_{t+1}``) and predicts the feature at ``t+1`` / the
+distribution of ``x_{t+2}``, i.e. target row ``t+1`` (``topk_*[t+1]`` or ``lm_head(hidden_last[t+1])``). Row ``t``
+counts iff ``t+2`` lies in the same document as ``t`` and ``loss_mask[t+2] = 1`` (``x_{t+2}`` is an assistant
+token). EAGLE-3's TTT step ``i`` shifts everything by ``i`` more (token ``x_{t+1+i}``, target row ``t+1+i``,
+weight ``loss_mask[t+2+i]``). Shifts never cross documents: a row whose shifted partner lies in another document
+(or padding) is not counted and its shifted token is replaced by 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pipeline.draft.layers import KVBlock, doc_causal_mask, same_doc_ahead, shift_left, ttt_attention_mask
+
+
+def target_fields(target_config: dict) -> dict[str, Any]:
+    """The draft-layer sizes the target's HF config implies (the draft mirrors one target layer)."""
+    tc = target_config
+    heads = int(tc["num_attention_heads"])
+    hidden = int(tc["hidden_size"])
+    head_dim = tc.get("head_dim") or hidden // heads
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": int(tc["intermediate_size"]),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(tc.get("num_key_value_heads") or heads),
+        "head_dim": int(head_dim),
+        "rms_norm_eps": float(tc.get("rms_norm_eps", 1e-6)),
+        "vocab_size": int(tc["vocab_size"]),
+        "max_position_embeddings": int(tc.get("max_position_embeddings", 2048)),
+        "hidden_act": str(tc.get("hidden_act", "silu")),
+        "attention_bias": bool(tc.get("attention_bias", False)),
+        "mlp_bias": bool(tc.get("mlp_bias", False)),
+    }
+
+
+def check_overrides(cls_fields: set[str], overrides: dict, fixed: tuple[str, ...]) -> None:
+    unknown = set(overrides) - cls_fields
+    if unknown:
+        raise TypeError(f"unknown draft config field(s): {sorted(unknown)}")
+    bad = [k for k in fixed if k in overrides]
+    if bad:
+        raise ValueError(f"{bad} must equal the target's (the draft reads the target's features and embeddings)")
+
+
+def shifted_rows(batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
+    """Inputs/targets/weights of TTT step ``step`` (0 for EAGLE-1) at every row ``t``.
+
+    Returns ``tokens`` (``x_{t+1+step}``, 0 where that crosses a document), ``target_row_ok`` (row ``t+1+step``
+    is in ``t``'s document) and ``counted`` (row ``t+2+step`` is in the document and is a loss token).
+    """
+    doc, ids, lm = batch["doc_ids"], batch["input_ids"], batch["loss_mask"]
+    tok_ok = same_doc_ahead(doc, 1 + step)
+    tokens = torch.where(tok_ok, shift_left(ids, 1 + step), torch.zeros_like(ids))
+    counted = same_doc_ahead(doc, 2 + step) & (shift_left(lm, 2 + step) > 0)
+    return {"tokens": tokens, "target_row_ok": tok_ok, "counted": counted}
+
+
+def topk_target(batch: dict[str, torch.Tensor], row_shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored top-k target of row ``t + row_shift``: (ids ``[B,T,K]``, probabilities renormalised over the K)."""
+    ids = shift_left(batch["topk_ids"], row_shift)
+    logp = shift_left(batch["topk_logprobs"].float(), row_shift)
+    p = logp.exp()
+    return ids, p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def soft_ce_sparse(logq: torch.Tensor, ids: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``-sum_k p_k log q[ids_k]`` per row; ``ids < 0`` (dropped) contribute nothing."""
+    keep = ids >= 0
+    lq = logq.gather(-1, ids.clamp_min(0))
+    return -(torch.where(keep, p, torch.zeros_like(p)) * lq).sum(-1)
+
+
+def masked_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return (x * w).sum() / w.sum().clamp_min(1)
+
+
+def unroll_chain(layer: Callable, h0: torch.Tensor, batch: dict[str, torch.Tensor], steps: int,
+                 dense: bool = False) -> list[torch.Tensor]:  # fmt: skip
+    """Run a draft layer as a chain over every row at once (training-time test / simulated drafting).
+
+    ``layer(hidden, tokens, position_ids, attend_to) -> (out, k, v)``. Step ``i`` feeds row ``t`` the step
+    ``i-1`` output of the same row and token ``x_{t+1+i}`` at position ``position_ids[t] + i``; its query sees
+    the step-0 keys of rows ``<= t`` of its document plus row ``t``'s own keys of steps ``1..i`` (the diagonal),
+    which is exactly what the draft sees when it drafts a chain from row ``t`` at inference. ``dense=True``
+    attends over the concatenated keys of all steps with :func:`ttt_attention_mask` instead (same computation,
+    O(T^2 * steps) memory; tests compare the two). Returns the outputs of steps ``0..steps-1``.
+    """
+    doc, pos = batch["doc_ids"], batch["position_ids"]
+    m0 = doc_causal_mask(doc)
+    own = doc >= 0
+    h = h0
+    keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # (k, v) of steps 0..i-1
+    outs = []
+    for i in range(steps):
+        tokens = shifted_rows(batch, i)["tokens"]
+
+        def attend_to(k, v, i=i):
+            if dense:
+                ks = torch.cat([kk for kk, _ in keys] + [k], dim=2)
+                vs = torch.cat([vv for _, vv in keys] + [v], dim=2)
+                return [KVBlock(ks, vs, ttt_attention_mask(doc, i))]
+            if i == 0:
+                return [KVBlock(k, v, m0)]
+            k0, v0 = keys[0]
+            diag = [KVBlock(kj, vj, own, diagonal=True) for kj, vj in keys[1:]]
+            return [KVBlock(k0, v0, m0), *diag, KVBlock(k, v, own, diagonal=True)]
+
+        out, k, v = layer(h, tokens, pos + i, attend_to)
+        keys.append((k, v))
+        outs.append(out)
+        h = out
+    return outs
+
+
+def acceptance_length(cond_acc: list[float]) -> float:
+    """tau = 1 + sum_i prod_{j<=i} a_j (tokens per target forward, counting the target's bonus token)."""
+    tau, run = 1.0, 1.0
+    for a in cond_acc:
+        run *= float(a)
+        tau += run
+    return tau
+
+
+def greedy_chain_acceptance(batch: dict[str, torch.Tensor], drafts: list[torch.Tensor], targets: list[torch.Tensor],
+                            require_greedy_prefix: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Conditional greedy acceptance per chain step from an unrolled chain (``drafts[i]``, ``targets[i]``:
+    the draft's and the target's argmax, in target ids, of step ``i`` at every row).
+
+    Row ``t`` is eligible at step ``i`` if ``x_{t+2+i}`` is a loss token of ``t``'s document and every earlier step
+    was accepted: the draft's token equalled the target's argmax and (``require_greedy_prefix``) so did the data
+    token the next step is fed, so the simulated chain is a greedy trajectory. A target argmax the draft cannot
+    emit is a rejection. Returns ``cond_acc`` (a_i), ``eligible`` (counts) and ``tau``.
+    """
+    doc, ids, lm = batch["doc_ids"], batch["input_ids"], batch["loss_mask"]
+    alive = torch.ones_like(doc, dtype=torch.bool)
+    cond, elig = [], []
+    for i, (draft, arg) in enumerate(zip(drafts, targets, strict=True)):
+        ok = same_doc_ahead(doc, 2 + i) & (shift_left(lm, 2 + i) > 0) & alive
+        correct = draft == arg
+        n = int(ok.sum())
+        elig.append(n)
+        cond.append(float((ok & correct).sum()) / n if n else 0.0)
+        alive = alive & correct
+        if require_greedy_prefix:
+            alive = alive & (shift_left(ids, 2 + i) == arg)
+    return {"cond_acc": cond, "eligible": elig, "tau": acceptance_length(cond)}

@@ -1,0 +1,373 @@
+"""EAGLE-3 draft head: config, draft vocabulary, module, training-time-test objective, chain acceptance.
+
+Architecture (SafeAILab/EAGLE ``eagle/traineagle3/cnets.py``; vLLM/SGLang ``llama_eagle3.py``): the target's aux
+features (inputs of decoder layers ``aux_layer_ids``, concatenated, ``A*H``) are fused by ``fc: Linear(A*H -> H,
+no bias)``; one decoder layer ``midlayer`` whose q/k/v read ``cat(input_layernorm(embed(x)), hidden_norm(h))``
+(``2H``) with residual ``h``; final ``norm``; ``lm_head: H -> draft_vocab`` (trained from scratch). ``d2t``
+(``target id = i + d2t[i]``) and ``t2d`` (bool over the target vocab) map the draft vocabulary. The hidden state
+fed back at later steps is the decoder-layer output *before* ``norm`` (vLLM returns it as ``hidden_prenorm``,
+SGLang as the aux output).
+
+Training-time test (TTT), step ``i = 0..S-1`` at row ``t``:
+
+* input token ``x_{t+1+i}``, target row ``t+1+i``, weight ``loss_mask[t+2+i]`` (all inside ``t``'s document);
+* hidden input: ``fc(aux_t)`` at step 0, the step ``i-1`` output (pre-norm) of the same row afterwards;
+* attention: the step-0 keys of rows ``<= t`` of the same document, plus row ``t``'s own keys of steps ``1..i``
+  (the "diagonal"); never another row's keys of a later step. This is exactly what the draft sees when it
+  drafts a chain from row ``t`` at inference.
+* position ids: the step-``i`` query/key of row ``t`` uses ``position_ids[t] + i``. vLLM's EAGLE proposer (and
+  our evaluator) run the ``i``-th drafted token at position ``p + i`` where ``p`` is the position of the last
+  target row, so training uses the same rotation (the reference has switched between a constant position and
+  ``+i``; we pin the choice that mirrors serving).
+
+Loss ``sum_i step_decay^i * softCE_i`` over the draft vocabulary, each term a mean over the rows counted at that
+step (``loss_mask`` and ``t2d[argmax target]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.draft.common import (
+    acceptance_length,
+    check_overrides,
+    greedy_chain_acceptance,
+    masked_mean,
+    shifted_rows,
+    soft_ce_sparse,
+    target_fields,
+    topk_target,
+    unroll_chain,
+)
+from pipeline.draft.eagle1 import add_noise
+from pipeline.draft.layers import (
+    DecoderLayer,
+    KVCache,
+    RMSNorm,
+    RotaryEmbedding,
+    cache_attend_to,
+    causal_mask,
+    rope_parameters,
+    shift_left,
+)
+
+
+@dataclass
+class Eagle3Config:
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    vocab_size: int
+    max_position_embeddings: int
+    aux_layer_ids: list[int] = field(default_factory=list)  # HF output_hidden_states indices, from the store
+    draft_vocab_size: int = 32000
+    target_hidden_size: int = 0  # hidden size of each aux feature (0: = hidden_size)
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    target_config: dict = field(default_factory=dict, repr=False)
+    target_name: str | None = None
+
+    variant: ClassVar[str] = "eagle3"
+
+    def __post_init__(self):
+        self.aux_layer_ids = [int(i) for i in self.aux_layer_ids]
+        if not self.aux_layer_ids:
+            raise ValueError("aux_layer_ids is required (read it from the store: fingerprint['layers']['aux'])")
+        self.target_hidden_size = int(self.target_hidden_size or self.hidden_size)
+        self.draft_vocab_size = min(int(self.draft_vocab_size), int(self.vocab_size))
+
+    @classmethod
+    def from_target(cls, target_config: dict, aux_layer_ids: Sequence[int], draft_vocab_size: int = 32000,
+                    **overrides: Any) -> Eagle3Config:  # fmt: skip
+        """Sizes, eps, rope and vocab from the target's HF config; ``aux_layer_ids`` as stored (never assumed)."""
+        check_overrides({f.name for f in dataclasses.fields(cls)}, overrides, ("hidden_size", "vocab_size"))
+        base = target_fields(target_config)
+        return cls(**{**base, "target_config": dict(target_config), "aux_layer_ids": list(aux_layer_ids),
+                      "draft_vocab_size": draft_vocab_size, "target_hidden_size": base["hidden_size"],
+                      **overrides})  # fmt: skip
+
+    @classmethod
+    def from_store(cls, reader: Any, draft_vocab_size: int = 32000, **overrides: Any) -> Eagle3Config:
+        """From a ``pipeline.store.StoreReader``: its target config, model name and aux layer ids."""
+        fp = reader.fingerprint
+        overrides.setdefault("target_name", fp["model"].get("path") or fp["model"].get("name"))
+        return cls.from_target(reader.target_config(), fp["layers"]["aux"], draft_vocab_size, **overrides)
+
+    @property
+    def rope_parameters(self) -> dict:
+        return rope_parameters(self.target_config)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Eagle3Config:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ---- draft vocabulary ------------------------------------------------------------------------------------------
+
+
+def build_draft_vocab(token_counts: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The ``size`` most frequent loss tokens (ties: lower id first; ``size`` capped at the vocab).
+
+    Returns ``d2t`` (int64 ``[size]``, draft ids in ascending target-id order, ``target = i + d2t[i]``), ``t2d``
+    (bool ``[V]``) and the share of counted tokens the draft vocabulary covers.
+    """
+    counts = np.asarray(token_counts, dtype=np.int64)
+    v = counts.shape[0]
+    size = min(int(size), v)
+    order = np.lexsort((np.arange(v), -counts))  # last key is primary: count desc, then id asc
+    used = np.sort(order[:size])
+    d2t = torch.from_numpy(used - np.arange(size)).to(torch.int64)
+    t2d = torch.zeros(v, dtype=torch.bool)
+    t2d[torch.from_numpy(used)] = True
+    total = int(counts.sum())
+    coverage = float(counts[used].sum() / total) if total else 0.0
+    return d2t, t2d, coverage
+
+
+def draft_to_target(draft_ids: torch.Tensor, d2t: torch.Tensor) -> torch.Tensor:
+    return draft_ids + d2t[draft_ids]
+
+
+def target_to_draft(target_ids: torch.Tensor, d2t: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Draft ids of target ids; ``-1`` where the target id is not in the draft vocabulary."""
+    index = torch.full((vocab_size,), -1, dtype=torch.long, device=d2t.device)
+    draft = torch.arange(d2t.shape[0], device=d2t.device)
+    index[draft + d2t] = draft
+    return index[target_ids]
+
+
+# ---- module ----------------------------------------------------------------------------------------------------
+
+
+class Eagle3Draft(nn.Module):
+    FROZEN: ClassVar[tuple[str, ...]] = ("embed_tokens.weight",)
+
+    def __init__(self, config: Eagle3Config):
+        super().__init__()
+        c = config
+        self.config = c
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.fc = nn.Linear(len(c.aux_layer_ids) * c.target_hidden_size, c.hidden_size, bias=False)
+        self.midlayer = DecoderLayer(
+            c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.rms_norm_eps, c.hidden_act, eagle3=True, attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(c.target_config, c.head_dim)
+        # Identity mapping until set_vocab: a full-size draft vocabulary.
+        self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.int64))
+        t2d = torch.zeros(c.vocab_size, dtype=torch.bool)
+        t2d[: c.draft_vocab_size] = True
+        self.register_buffer("t2d", t2d)
+        # The target's full lm_head, only for objective target="full"; never saved or exported.
+        self.register_buffer("target_lm_head", None, persistent=False)
+
+    # ---- weights / vocab -----------------------------------------------------------------------------------
+
+    def set_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
+        if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
+            raise ValueError(f"vocab maps of shape {tuple(d2t.shape)}/{tuple(t2d.shape)}, expected "
+                             f"{tuple(self.d2t.shape)}/{tuple(self.t2d.shape)}")  # fmt: skip
+        used = torch.arange(d2t.shape[0]) + d2t.cpu()
+        if not bool(t2d.cpu()[used].all()) or int(t2d.sum()) != d2t.shape[0]:
+            raise ValueError("d2t and t2d disagree")
+        self.d2t.copy_(d2t)
+        self.t2d.copy_(t2d)
+
+    def load_target_weights(self, weights: dict[str, torch.Tensor], target_head: bool = False) -> None:
+        """Copy the target's ``embed_tokens.weight``; with ``target_head`` also keep its full ``lm_head``
+        (needed by ``Eagle3Objective(target="full")``; a non-persistent buffer, not part of any export)."""
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(weights["embed_tokens.weight"].to(self.embed_tokens.weight.dtype))
+        if target_head:
+            head = weights.get("lm_head.weight", weights["embed_tokens.weight"])
+            self.target_lm_head = head.detach().to(self.embed_tokens.weight.dtype).clone()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def draft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trained weights + vocab maps (``fc``, ``midlayer.*``, ``norm``, ``lm_head``, ``d2t``, ``t2d``)."""
+        return {k: v for k, v in self.state_dict().items() if k not in self.FROZEN}
+
+    def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_to_target(draft_ids, self.d2t)
+
+    def target_to_draft(self, target_ids: torch.Tensor) -> torch.Tensor:
+        return target_to_draft(target_ids, self.d2t, self.config.vocab_size)
+
+    def target_logits(self, draft_logits: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab logits scattered into the target vocab (``-inf`` elsewhere), as vLLM's compute_logits."""
+        out = draft_logits.new_full((*draft_logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        out[..., torch.arange(self.d2t.shape[0], device=self.d2t.device) + self.d2t] = draft_logits
+        return out
+
+    # ---- forward -------------------------------------------------------------------------------------------
+
+    def fuse(self, aux: torch.Tensor) -> torch.Tensor:
+        """``fc`` over the concatenated aux features ``[B, N, A*H]`` -> ``[B, N, H]`` (step-0 hidden input)."""
+        return self.fc(aux.to(self.fc.weight.dtype))
+
+    def logits(self, hidden_prenorm: torch.Tensor) -> torch.Tensor:
+        """Draft-vocab logits of a pre-norm layer output."""
+        return self.lm_head(self.norm(hidden_prenorm))
+
+    def _layer(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, attend_to):
+        cos, sin = self.rotary(position_ids)
+        emb = self.embed_tokens(input_ids).to(hidden.dtype)
+        return self.midlayer(hidden, cos, sin, attend_to, emb)
+
+    def step(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+             cache: KVCache | None, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Inference: (pre-norm output ``[B, N, H]``, draft-vocab logits ``[B, N, draft_vocab]``).
+
+        ``hidden`` is ``fuse(aux)`` for rows the target computed, or a previous pre-norm output for drafted
+        rows. ``mask``: bool ``[B, N, S]`` / ``[N, S]`` over (cached + new) keys; new keys go into ``cache``.
+
+        A chain of ``k`` drafts after the target has verified up to position ``p``:
+
+        1. ``step(fuse(aux[:, s:p+1]), x[:, s+1:p+2], positions s..p, cache, causal_mask(p+1-s, len(cache)))``
+           for rows ``s..p`` not cached yet; the last row's logits give ``d_1`` (``draft_to_target(argmax)``),
+           its pre-norm output ``h``.
+        2. For ``i = 1..k-1``: ``step(h, d_i, position p+i, cache, all-true [1, len(cache)+1])``.
+        3. After verification, ``cache.crop(p + 1)``: keys of drafted rows used the draft's own hidden state;
+           the next round recomputes those rows from the target's aux features.
+
+        Tree drafting: masks over each node's ancestors, ``cache.select`` to keep the accepted branch.
+        """
+        out, _, _ = self._layer(hidden, input_ids, position_ids, cache_attend_to(cache, 0, mask))
+        return out, self.logits(out)
+
+    @torch.no_grad()
+    def generate_chain(self, aux: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                       cache: KVCache, k: int) -> torch.Tensor:  # fmt: skip
+        """Greedy chain of ``k`` draft tokens (target ids ``[B, k]``) following :meth:`step`."""
+        n = aux.shape[1]
+        h, logits = self.step(self.fuse(aux), input_ids, position_ids, cache, causal_mask(n, len(cache), aux.device))
+        h, pos = h[:, -1:], position_ids[:, -1:]
+        tok = self.draft_to_target(logits[:, -1:].argmax(-1))
+        drafts = [tok]
+        for _ in range(k - 1):
+            pos = pos + 1
+            mask = torch.ones(1, len(cache) + 1, dtype=torch.bool, device=aux.device)
+            h, logits = self.step(h, tok, pos, cache, mask)
+            tok = self.draft_to_target(logits.argmax(-1))
+            drafts.append(tok)
+        return torch.cat(drafts, dim=1)
+
+    def ttt_forward(self, fused: torch.Tensor, batch: dict[str, torch.Tensor], steps: int,
+                    dense: bool = False) -> list[torch.Tensor]:  # fmt: skip
+        """Pre-norm outputs ``[B, T, H]`` of TTT steps ``0..steps-1`` (see the module docstring).
+
+        ``dense=True`` attends over the explicitly concatenated keys of all steps with
+        :func:`ttt_attention_mask` (O(T^2 * steps) memory) instead of step-0 keys + per-row diagonals; the two
+        are the same computation and tests compare them.
+        """
+        return unroll_chain(self._layer, fused, batch, steps, dense=dense)
+
+
+# ---- objective -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Eagle3Objective:
+    ttt_steps: int = 7
+    step_decay: float = 0.8
+    target: str = "topk"  # "topk": stored top-k mapped into the draft vocab; "full": target lm_head (needs it)
+    noise: str = "none"  # "none" | "uniform" | "gaussian", on the aux features in train mode
+    noise_std: float = 0.2
+    noise_scale_by_length: bool = False
+
+    def __post_init__(self):
+        if self.ttt_steps < 1:
+            raise ValueError("ttt_steps must be >= 1")
+        if self.noise not in ("uniform", "gaussian", "none"):
+            raise ValueError(f"noise must be uniform|gaussian|none, not {self.noise!r}")
+        if self.target not in ("topk", "full"):
+            raise ValueError(f"target must be topk|full, not {self.target!r}")
+
+
+def _step_target(model: Eagle3Draft, batch: dict[str, torch.Tensor], step: int, target: str):
+    """(target argmax in target ids ``[B,T]``, a function logq -> soft CE over the draft vocab) for row ``t+1+step``."""
+    if target == "full":
+        head = model.target_lm_head
+        if head is None:
+            raise ValueError("target='full' needs the target lm_head: model.load_target_weights(w, target_head=True)")
+        with torch.no_grad():
+            tl = shift_left(batch["hidden_last"], 1 + step).to(head.dtype) @ head.T
+            arg = tl.argmax(-1)
+            used = torch.arange(model.d2t.shape[0], device=tl.device) + model.d2t
+            p = torch.softmax(tl[..., used].float(), dim=-1)
+        return arg, lambda logq: -(p * logq).sum(-1)
+    ids, p = topk_target(batch, 1 + step)
+    dids = model.target_to_draft(ids)
+    p = torch.where(dids >= 0, p, torch.zeros_like(p))
+    p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+    return ids[..., 0], lambda logq: soft_ce_sparse(logq, dids, p)
+
+
+def training_loss(model: Eagle3Draft, batch: dict[str, torch.Tensor],
+                  objective: Eagle3Objective | None = None) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """TTT loss ``sum_i step_decay^i * loss_i``; metrics ``loss_i``, ``acc_i``, ``tokens_i`` per step and
+    ``loss``, ``acc`` (= ``acc_0``), ``tokens`` (= ``tokens_0``)."""
+    obj = objective or Eagle3Objective()
+    aux = batch["hidden_aux"].float()
+    if model.training and obj.noise != "none":
+        aux = add_noise(aux, obj.noise, obj.noise_std, batch["doc_ids"], obj.noise_scale_by_length)
+    outs = model.ttt_forward(model.fuse(aux), batch, obj.ttt_steps)
+
+    total = torch.zeros((), device=aux.device)
+    stats = []
+    for i, h in enumerate(outs):
+        logits = model.logits(h).float()
+        logq = torch.log_softmax(logits, dim=-1)
+        arg, ce_fn = _step_target(model, batch, i, obj.target)
+        w = (shifted_rows(batch, i)["counted"] & model.t2d[arg]).float()
+        loss_i = masked_mean(ce_fn(logq), w)
+        total = total + obj.step_decay**i * loss_i
+        with torch.no_grad():
+            acc_i = masked_mean((model.draft_to_target(logits.argmax(-1)) == arg).float(), w)
+        stats.append(torch.stack([loss_i.detach(), acc_i, w.sum()]))
+    vals = torch.stack(stats).tolist()
+    metrics: dict[str, float] = {"loss": float(total.detach()), "acc": vals[0][1], "tokens": vals[0][2]}
+    for i, (loss_i, acc_i, n_i) in enumerate(vals):
+        metrics[f"loss_{i}"], metrics[f"acc_{i}"], metrics[f"tokens_{i}"] = loss_i, acc_i, n_i
+    return total, metrics
+
+
+# ---- acceptance ------------------------------------------------------------------------------------------------
+
+
+simulated_acceptance = acceptance_length
+
+
+@torch.no_grad()
+def chain_acceptance(model: Eagle3Draft, batch: dict[str, torch.Tensor], steps: int = 7,
+                     require_greedy_prefix: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Simulated greedy chain acceptance per step (see :func:`pipeline.draft.common.greedy_chain_acceptance`)."""
+    was_training = model.training
+    model.eval()
+    try:
+        outs = model.ttt_forward(model.fuse(batch["hidden_aux"].float()), batch, steps)
+    finally:
+        model.train(was_training)
+    target = "topk" if "topk_ids" in batch else "full"
+    return greedy_chain_acceptance(
+        batch, [model.draft_to_target(model.logits(h).argmax(-1)) for h in outs],
+        [_step_target(model, batch, i, target)[0] for i in range(steps)], require_greedy_prefix)

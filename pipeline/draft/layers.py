@@ -1,0 +1,371 @@
+"""Small Llama building blocks shared by the EAGLE-1 and EAGLE-3 draft heads.
+
+Written for clarity and exact control over attention (nanoGPT / gpt-fast style), not speed:
+
+* attention takes explicit position ids and an explicit list of key/value *blocks*, each with its own boolean
+  mask, so one primitive serves a KV cache (inference), block-diagonal causal packing (training) and the TTT
+  "diagonal" keys of EAGLE-3 (a key that only the query at the same row may see);
+* rotary embeddings are built from the *target's* HF config dict through transformers' own rope init functions,
+  so every rope type/scaling the target uses (default, linear, dynamic, yarn, longrope, llama3, ...) is matched;
+* module/parameter names are the ones the serving loaders expect (``self_attn.q_proj`` ..., ``mlp.gate_proj`` ...,
+  ``input_layernorm``, ``post_attention_layernorm``, ``hidden_norm``).
+
+Masks are boolean, ``True`` = "may attend". Compute is fp32 on CPU (bf16 matmuls are ~500x slower there).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Keys a LlamaConfig must not receive when we only need its rope fields (they name other model classes or
+# carry state LlamaConfig would try to validate).
+_NON_ROPE_KEYS = {"architectures", "model_type", "auto_map", "quantization_config", "transformers_version",
+                  "_name_or_path", "_commit_hash", "text_config", "vision_config", "pipeline"}  # fmt: skip
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: ``weight * x / sqrt(mean(x^2) + eps)``, normalised in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_llama_config(target_config: dict, *, head_dim: int | None = None):
+    """A ``LlamaConfig`` carrying the target's rope fields (normalised to transformers' ``rope_parameters``).
+
+    ``head_dim`` overrides the per-head size the frequencies are computed for (the draft's, which equals the
+    target's unless overridden).
+    """
+    from transformers import LlamaConfig
+
+    # Deep copy: transformers normalises rope dicts in place and must not edit the caller's config.
+    cfg = copy.deepcopy({k: v for k, v in target_config.items() if k not in _NON_ROPE_KEYS})
+    if head_dim is not None:
+        cfg["head_dim"] = head_dim
+    return LlamaConfig(**cfg)
+
+
+def rope_parameters(target_config: dict) -> dict:
+    """The target's rope parameters as transformers >= 5 normalises them (``rope_type``, ``rope_theta``, ...)."""
+    params = rope_llama_config(target_config).rope_parameters
+    return dict(params)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE cos/sin for explicit position ids, frequencies from transformers' ``ROPE_INIT_FUNCTIONS``.
+
+    Dynamic variants (``dynamic``, ``longrope``) use the frequencies transformers computes at init (those for
+    sequences up to ``max_position_embeddings`` / ``original_max_position_embeddings``); the runtime switch
+    transformers applies beyond that length is not replicated.
+    """
+
+    def __init__(self, target_config: dict, head_dim: int):
+        super().__init__()
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        config = rope_llama_config(target_config, head_dim=head_dim)
+        params = config.rope_parameters
+        self.rope_type = params.get("rope_type", "default")
+        if self.rope_type == "default":
+            base = float(params["rope_theta"])
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+            scaling = 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
+        self.attention_scaling = float(scaling)
+        self.register_buffer("inv_freq", inv_freq.to(torch.float32), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape ``[B, N, head_dim]`` for ``position_ids [B, N]``."""
+        freqs = position_ids.to(torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, heads, N, d]`` by ``cos/sin [B, N, d]`` (HF's half-split convention)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class KVBlock:
+    """A set of keys/values and which queries may see them.
+
+    ``k``/``v``: ``[B, n_kv, S, d]``. ``mask``: bool, ``[B, N, S]`` or ``[N, S]`` (broadcast over the batch).
+    ``diagonal=True``: ``S == N`` and key ``s`` belongs to query ``s`` only (EAGLE-3's TTT keys); ``mask`` is then
+    ``[B, N]`` (or ``[N]``) and says whether that one key exists.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor
+    diagonal: bool = False
+
+
+def attend(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
+    """Grouped-query softmax attention of ``q [B, n_heads, N, d]`` over the union of ``blocks``.
+
+    One softmax spans all blocks. A query that may see no key outputs zeros instead of NaN (such queries are
+    padding; NaN would leak into a masked loss through ``0 * NaN``).
+    """
+    b, nh, n, d = q.shape
+    nkv = blocks[0].k.shape[1]
+    qg = q.reshape(b, nkv, nh // nkv, n, d).float() * d**-0.5
+    low = torch.finfo(torch.float32).min
+    scores = []
+    visible = torch.zeros(b, 1, 1, n, 1, dtype=torch.bool, device=q.device)
+    for blk in blocks:
+        k = blk.k.float()
+        if blk.diagonal:
+            s = (qg * k[:, :, None]).sum(-1, keepdim=True)  # [B, nkv, g, N, 1]
+            m = blk.mask.reshape(-1, 1, 1, n, 1)
+        else:
+            s = torch.einsum("bhgnd,bhsd->bhgns", qg, k)
+            m = blk.mask.reshape(-1, 1, 1, n, blk.mask.shape[-1])
+        scores.append(s.masked_fill(~m, low))
+        visible = visible | m.any(-1, keepdim=True)
+    # Masked keys underflow to exactly 0 next to any visible key; a query with none would get a uniform
+    # average over masked keys, so zero it instead.
+    probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1) * visible
+    out = torch.zeros_like(qg)
+    start = 0
+    for blk, s in zip(blocks, scores, strict=True):
+        p = probs[..., start:start + s.shape[-1]]
+        start += s.shape[-1]
+        v = blk.v.float()
+        out = out + (p * v[:, :, None] if blk.diagonal else torch.einsum("bhgns,bhsd->bhgnd", p, v))
+    return out.reshape(b, nh, n, d).to(q.dtype)
+
+
+# The caller decides what the new keys are attended together with: it receives the new (rotated) keys/values
+# and returns the blocks to attend over (e.g. cache contents + new keys, or step-0 keys + TTT diagonals).
+AttendTo = Callable[[torch.Tensor, torch.Tensor], Sequence[KVBlock]]
+
+
+class Attention(nn.Module):
+    """Llama GQA attention whose q/k/v may read a wider input (EAGLE-3: ``2H``)."""
+
+    def __init__(self, in_dim: int, hidden_size: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 bias: bool = False):  # fmt: skip
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"num_attention_heads {n_heads} is not a multiple of num_key_value_heads {n_kv_heads}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(in_dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(in_dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(in_dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attend_to: AttendTo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Returns (output ``[B, N, H]``, new rotated keys, new values ``[B, n_kv, N, d]``)."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attend(q, attend_to(k, v))
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), k, v
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str = "silu", bias: bool = False):
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = ACT2FN[hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One Llama decoder layer in the two EAGLE flavours.
+
+    * ``eagle3=False`` (EAGLE-1, ``input_layernorm=False``): attention reads ``h`` itself (no input norm, as in
+      the reference and vLLM's ``llama_eagle.py``); residual ``h``.
+    * ``eagle3=True``: attention reads ``cat(input_layernorm(embeds), hidden_norm(h))`` (``2H`` wide);
+      residual ``h`` (taken *before* ``hidden_norm``, vLLM/speculators ``norm_before_residual=False``).
+
+    Both: ``h' = h + attn``; ``out = h' + mlp(post_attention_layernorm(h'))``.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 rms_norm_eps: float, hidden_act: str = "silu", *, eagle3: bool = False,
+                 input_layernorm: bool = True, attention_bias: bool = False, mlp_bias: bool = False):  # fmt: skip
+        super().__init__()
+        self.eagle3 = eagle3
+        in_dim = 2 * hidden_size if eagle3 else hidden_size
+        self.self_attn = Attention(in_dim, hidden_size, n_heads, n_kv_heads, head_dim, bias=attention_bias)
+        self.mlp = MLP(hidden_size, intermediate_size, hidden_act, bias=mlp_bias)
+        if eagle3 or input_layernorm:
+            self.input_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+        else:
+            self.input_layernorm = None
+        self.hidden_norm = RMSNorm(hidden_size, rms_norm_eps) if eagle3 else None
+        self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend_to: AttendTo,
+                embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Returns (layer output ``[B, N, H]``, new keys, new values)."""
+        residual = hidden
+        if self.eagle3:
+            if embeds is None:
+                raise ValueError("an EAGLE-3 layer needs the token embeddings")
+            x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
+        elif self.input_layernorm is not None:
+            x = self.input_layernorm(hidden)
+        else:
+            x = hidden
+        a, k, v = self.self_attn(x, cos, sin, attend_to)
+        h = residual + a
+        return h + self.mlp(self.post_attention_layernorm(h)), k, v
+
+
+class KVCache:
+    """Per-layer rotated keys/values ``[B, n_kv, S, head_dim]`` for incremental drafting.
+
+    ``append`` adds the keys of new positions; ``crop(n)`` keeps the first ``n`` (drop rejected drafts);
+    ``select(indices)`` keeps arbitrary positions in the given order (tree decoding: keep the accepted branch).
+    """
+
+    def __init__(self, num_layers: int = 1):
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    def __len__(self) -> int:
+        return 0 if self.k[0] is None else int(self.k[0].shape[2])
+
+    @property
+    def length(self) -> int:
+        return len(self)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k``/``v`` after the cached positions; returns all keys/values of that layer."""
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k, v
+        else:
+            self.k[layer] = torch.cat([self.k[layer], k], dim=2)
+            self.v[layer] = torch.cat([self.v[layer], v], dim=2)
+        return self.k[layer], self.v[layer]
+
+    def crop(self, n: int) -> None:
+        """Keep the first ``n`` positions of every layer."""
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            if k is not None:
+                self.k[i], self.v[i] = k[:, :, :n], v[:, :, :n]
+
+    def select(self, indices: torch.Tensor) -> None:
+        """Keep the positions ``indices`` (``[S']`` shared by the batch, or ``[B, S']`` per row)."""
+        for i, (k, v) in enumerate(zip(self.k, self.v, strict=True)):
+            if k is None:
+                continue
+            if indices.dim() == 1:
+                idx = indices.to(k.device)
+                self.k[i], self.v[i] = k.index_select(2, idx), v.index_select(2, idx)
+            else:
+                idx = indices.to(k.device)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+                self.k[i], self.v[i] = k.gather(2, idx), v.gather(2, idx)
+
+
+def cache_attend_to(cache: KVCache | None, layer: int, mask: torch.Tensor) -> AttendTo:
+    """Attend over (cached + new) keys with ``mask [B, N, S_cached + N]`` (or ``[N, S]``); appends to ``cache``."""
+
+    def fn(k: torch.Tensor, v: torch.Tensor) -> list[KVBlock]:
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        if mask.shape[-1] != k.shape[2]:
+            raise ValueError(f"mask covers {mask.shape[-1]} keys but there are {k.shape[2]} (cached + new)")
+        return [KVBlock(k, v, mask)]
+
+    return fn
+
+
+def doc_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask ``[B, T, T]`` for packed rows: same document (``>= 0``) and key row <= query row.
+
+    Rows increase with position inside a document, so "key row <= query row" is "key position <= query position".
+    """
+    t = doc_ids.shape[-1]
+    same = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, :, None] >= 0)
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+    return same & causal
+
+
+def causal_mask(n_new: int, n_cached: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+    """``[n_new, n_cached + n_new]``: new query ``i`` sees every cached key and new keys ``<= i``."""
+    new = torch.ones(n_new, n_new, dtype=torch.bool, device=device).tril()
+    return torch.cat([torch.ones(n_new, n_cached, dtype=torch.bool, device=device), new], dim=1)
+
+
+def shift_left(x: torch.Tensor, d: int, fill: float | int = 0) -> torch.Tensor:
+    """``out[:, t] = x[:, t + d]`` (``fill`` past the end); any trailing dims are kept."""
+    if d == 0:
+        return x
+    pad = torch.full_like(x[:, :d], fill)
+    return torch.cat([x[:, d:], pad], dim=1)
+
+
+def same_doc_ahead(doc_ids: torch.Tensor, d: int) -> torch.Tensor:
+    """``[B, T]`` bool: row ``t + d`` exists and lies in the same (non-padding) document as row ``t``."""
+    return (shift_left(doc_ids, d, -1) == doc_ids) & (doc_ids >= 0)
+
+
+def uniform_noise(x: torch.Tensor, std: float, doc_ids: torch.Tensor | None = None,
+                  scale_by_length: bool = False) -> torch.Tensor:  # fmt: skip
+    """EAGLE's feature augmentation ``(U[0,1) - 0.5) * std`` (optionally ``* 512 / L``).
+
+    The reference scales by the padded sequence length; for packed rows ``L`` is each token's document length.
+    """
+    noise = (torch.rand_like(x) - 0.5) * std
+    if scale_by_length:
+        if doc_ids is None:
+            lengths = torch.full(x.shape[:2], x.shape[1], dtype=x.dtype, device=x.device)
+        else:
+            counts = F.one_hot(doc_ids.clamp_min(0), num_classes=int(doc_ids.max().clamp_min(0)) + 1).sum(1)
+            lengths = counts.gather(1, doc_ids.clamp_min(0)).to(x.dtype)
+        noise = noise * (512.0 / lengths.clamp_min(1))[..., None]
+    return x + noise
+
+
+def gaussian_noise(x: torch.Tensor, std: float) -> torch.Tensor:
+    return x + torch.randn_like(x) * std
+
+
+def ttt_attention_mask(doc_ids: torch.Tensor, step: int) -> torch.Tensor:
+    """Which keys the step-``step`` query of each row may see: bool ``[B, T, (step+1) * T]``.
+
+    Key index ``j * T + r`` is row ``r``'s key of step ``j``. Block 0: same document and ``r <= t``; blocks
+    ``1..step``: only ``r == t`` (the row's own chain), for non-padding rows.
+    """
+    b, t = doc_ids.shape
+    blocks = [doc_causal_mask(doc_ids)]
+    eye = torch.eye(t, dtype=torch.bool, device=doc_ids.device)[None] & (doc_ids >= 0)[:, :, None]
+    blocks += [eye.expand(b, t, t)] * step
+    return torch.cat(blocks, dim=2)
+
