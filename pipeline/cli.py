@@ -172,5 +172,107 @@ def verify(store: Path) -> None:
     click.echo(f"verify: {store} ok")
 
 
+@main.command()
+@click.option("--feats", required=True, type=click.Path(exists=True, file_okay=False), help="Feature store.")
+@click.option("--variant", type=click.Choice(["eagle1", "eagle3"]), default="eagle1", show_default=True)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (only this is written).")
+@click.option("--epochs", type=float, default=1.0, show_default=True)
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate.")
+@click.option("--warmup-steps", type=int, default=None, help="Linear warmup (default 5%% of steps, max 2000).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--tokens-per-batch", type=int, default=2048, show_default=True, help="Tokens per packed row.")
+@click.option("--no-packing", is_flag=True, help="One sample per row, padded (for comparison).")
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--clip", type=float, default=0.5, show_default=True, help="Gradient clipping (norm).")
+@click.option("--zero-stage", type=click.IntRange(0, 3), default=0, show_default=True)
+@click.option("--deepspeed", "deepspeed_json", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="DeepSpeed JSON; its keys override the flags.")  # fmt: skip
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: end only).")
+@click.option("--keep-last", type=int, default=2, show_default=True, help="Checkpoints kept.")
+@click.option("--log-every", type=int, default=1, show_default=True)
+@click.option("--eval-every", type=int, default=0, show_default=True, help="Held-out eval every N steps (0: end).")
+@click.option("--val-fraction", type=float, default=0.0, show_default=True, help="Share of samples held out.")
+@click.option("--target", type=click.Choice(["topk", "full"]), default="topk", show_default=True,
+              help="Token targets: stored top-k log-probs, or the exact softmax of lm_head(hidden_last).")  # fmt: skip
+@click.option("--noise", type=click.Choice(["uniform", "gaussian", "none"]), default=None,
+              help="Feature noise (default: uniform for eagle1, none for eagle3).")  # fmt: skip
+@click.option("--noise-std", type=float, default=0.2, show_default=True)
+@click.option("--noise-scale-by-length", is_flag=True, help="Reference EAGLE-1 noise: scale by 512/L.")
+@click.option("--v-weight", type=float, default=1.0, show_default=True, help="EAGLE-1 feature-regression weight.")
+@click.option("--p-weight", type=float, default=0.1, show_default=True, help="EAGLE-1 token-loss weight.")
+@click.option("--ttt-steps", type=int, default=7, show_default=True, help="EAGLE-3 training-time-test length.")
+@click.option("--step-decay", type=float, default=0.8, show_default=True, help="EAGLE-3 per-step loss decay.")
+@click.option("--draft-vocab-size", type=int, default=32000, show_default=True, help="EAGLE-3 (capped at V).")
+@click.option("--activation-checkpointing", is_flag=True)
+@click.option("--verify-checksums", is_flag=True, help="Re-hash the whole store before training.")
+@click.option("--wandb-project", default=None, help="wandb project (WANDB_MODE respected; offline by default).")
+@click.option("--resume", is_flag=True, help="Require resuming the run in --out (it also resumes by itself).")
+@click.option("--no-progress", is_flag=True)
+def train(**kw) -> None:
+    """Train a draft head from a feature store with DeepSpeed (never opens the base model)."""
+    from pipeline.store import StoreError
+    from pipeline.train.trainer import TrainError, config_from_kwargs
+    from pipeline.train.trainer import train as run_train
+
+    kw["packing"] = not kw.pop("no_packing")
+    kw["progress"] = not kw.pop("no_progress")
+    kw["deepspeed"] = kw.pop("deepspeed_json")
+    cfg = config_from_kwargs(**kw)
+    try:
+        summary = run_train(cfg)
+    except (StoreError, TrainError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    if summary.get("rank", 0) == 0:
+        click.echo(format_train_summary(summary))
+
+
+def format_train_summary(s: dict) -> str:
+    first, last = s["first"] or {}, s["last"] or {}
+    keys = [k for k in ("loss", "vloss", "ploss", "acc") if k in last] + sorted(
+        k for k in last if k.startswith("acc_"))  # fmt: skip
+    lines = [f"run              {s['run_dir']}  ({s['steps']} steps, {s['world_size']} rank(s), {s['wall_s']} s)",
+             f"packing waste    {s['packing_waste']:.1%}"]  # fmt: skip
+    for k in keys:
+        lines.append(f"{k:<16} {first.get(k, float('nan')):.4f} (step 1) -> {last[k]:.4f} (step {s['steps']})")
+    if last:
+        lines.append(f"throughput       {last['tokens_per_s']:.0f} tokens/s, loader wait {last['loader_wait_s']:.3f} s "
+                     f"of {last['step_s']:.3f} s per step")  # fmt: skip
+    if s.get("best_val_tau") is not None:
+        lines.append(f"held-out τ       {s['best_val_tau']:.3f} (best, simulated greedy chain; counts the bonus token)")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["vllm", "speculators"]), default="vllm", show_default=True)
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Export directory (must not exist).")
+@click.option("--weights", type=click.Choice(["final", "best"]), default="final", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="bf16", show_default=True)
+def export(run_dir: Path, fmt: str, out: Path, weights: str, dtype: str) -> None:
+    """Write a trained draft in the layout vLLM / SGLang (or speculators) load."""
+    import torch
+
+    from pipeline.draft.export import export_draft
+    from pipeline.train.variants import load_run
+
+    if out.exists() and any(out.iterdir()):
+        _fail(f"--out {out} exists and is not empty; exports never overwrite")
+    try:
+        model, record = load_run(run_dir, weights)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    if fmt == "speculators" and record["variant"] != "eagle3":
+        _fail("--format speculators is for EAGLE-3 heads; use --format vllm for EAGLE-1")
+    train_cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    extra = {"run_dir": str(run_dir.resolve()), "weights": weights,
+             "store_fingerprint_digest": train_cfg.get("store_fingerprint_digest"),
+             "code_version": record.get("code_version")}  # fmt: skip
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    path = export_draft(model, model.config, out, fmt, extra, dtype=torch_dtype)
+    click.echo(f"exported {record['variant']} ({weights} weights of {run_dir}) as {fmt} to {path}")
+
+
 if __name__ == "__main__":
     main()

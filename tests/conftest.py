@@ -27,7 +27,7 @@ def smollm2_tokenizer(smollm2_dir):
     return AutoTokenizer.from_pretrained(smollm2_dir)
 
 
-def make_tiny_llama(path: Path, tokenizer, *, layers: int = 4, hidden: int = 64, seed: int = 0,
+def make_tiny_llama(path: Path, tokenizer, *, layers: int = 8, hidden: int = 64, seed: int = 0,
                     tie: bool = True) -> Path:
     """A seeded random fp32 Llama with SmolLM2's tokenizer, saved as an HF directory."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,3 +48,25 @@ def make_tiny_llama(path: Path, tokenizer, *, layers: int = 4, hidden: int = 64,
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer)
+
+
+def build_store(model_dir: Path, out: Path, **kw) -> Path:
+    from pipeline.extract.runner import ExtractConfig, run_extract
+
+    if not (out / "store.arrow").exists():
+        run_extract(ExtractConfig(out=out, model=str(model_dir), progress=False, **kw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A complete store of 40 real ShareGPT records through the tiny random Llama (both EAGLE variants)."""
+    return build_store(tiny_llama_dir, tmp_path_factory.mktemp("stores") / "tiny", limit=40, max_length=256,
+                       top_k=8, shard_size=20)
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory, smollm2_dir) -> Path:
+    """A small store of real ShareGPT records through the real SmolLM2 (slow tests share it)."""
+    return build_store(smollm2_dir, tmp_path_factory.mktemp("stores") / "smollm2", limit=24, max_length=384,
+                       shard_size=12)

@@ -74,7 +74,7 @@ def test_store_matches_single_sample_forward(tiny_llama_dir, tmp_path):
     extract(tiny_llama_dir, tmp_path / "bf16", limit=10, max_length=96, top_k=8, shard_size=4, batch_tokens=300)
     check_against_single_forward(tmp_path / "bf16", tiny_llama_dir, n=10, atol=2e-5)
     r = st.StoreReader(tmp_path / "bf16")
-    assert r.aux_layers == [2, 2, 1]  # {2, N//2, N-3} for the 4-layer test model
+    assert r.aux_layers == [2, 4, 5]  # {2, N//2, N-3} for the 8-layer test model
     w = r.target_weights()
     assert set(w) == {"embed_tokens.weight", "norm.weight", "lm_head.weight"}
     assert (r.tokenizer_dir / "tokenizer.json").exists()

@@ -211,10 +211,13 @@ def training_loss(model: Eagle1Draft, batch: dict[str, torch.Tensor],
     if model.training and obj.noise != "none":
         x = add_noise(f, obj.noise, obj.noise_std, doc, obj.noise_scale_by_length)
     pred = model(x, rows["tokens"], pos, doc_causal_mask(doc))
-    logits = model.lm_head(pred).float()
+    # Losses only on counted rows: the vocabulary-sized lm_head work is most of the step's compute.
+    counted = rows["counted"]
+    pred_c = pred[counted]
+    logits = model.lm_head(pred_c).float()
     logq = torch.log_softmax(logits, dim=-1)
 
-    target_f = shift_left(f, 1)
+    target_f = shift_left(f, 1)[counted]
     if obj.target == "full":
         with torch.no_grad():
             tlogits = model.lm_head(target_f).float()
@@ -223,10 +226,12 @@ def training_loss(model: Eagle1Draft, batch: dict[str, torch.Tensor],
         ce = -(p * logq).sum(-1)
     else:
         ids, p = topk_target(batch, 1)
+        ids, p = ids[counted], p[counted]
         ce = soft_ce_sparse(logq, ids, p)
         target_arg = ids[..., 0]
 
-    vloss = masked_mean(F.smooth_l1_loss(pred.float(), target_f, reduction="none").mean(-1), w)
+    w = torch.ones(pred_c.shape[0], device=pred.device)
+    vloss = masked_mean(F.smooth_l1_loss(pred_c.float(), target_f, reduction="none").mean(-1), w)
     ploss = masked_mean(ce, w)
     loss = obj.v_weight * vloss + obj.p_weight * ploss
     with torch.no_grad():

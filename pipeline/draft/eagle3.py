@@ -43,7 +43,6 @@ from pipeline.draft.common import (
     shifted_rows,
     soft_ce_sparse,
     target_fields,
-    topk_target,
     unroll_chain,
 )
 from pipeline.draft.eagle1 import add_noise
@@ -303,19 +302,29 @@ class Eagle3Objective:
             raise ValueError(f"target must be topk|full, not {self.target!r}")
 
 
-def _step_target(model: Eagle3Draft, batch: dict[str, torch.Tensor], step: int, target: str):
-    """(target argmax in target ids ``[B,T]``, a function logq -> soft CE over the draft vocab) for row ``t+1+step``."""
+def _step_target(model: Eagle3Draft, batch: dict[str, torch.Tensor], step: int, target: str,
+                 rows: torch.Tensor | None = None):  # fmt: skip
+    """(target argmax in target ids, a function logq -> soft CE over the draft vocab) for row ``t+1+step``.
+
+    ``rows`` (bool ``[B,T]``) restricts both to the selected rows (flattened), so the vocabulary-sized work is
+    done only where a loss is counted."""
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        x = shift_left(x, 1 + step)
+        return x if rows is None else x[rows]
+
     if target == "full":
         head = model.target_lm_head
         if head is None:
             raise ValueError("target='full' needs the target lm_head: model.load_target_weights(w, target_head=True)")
         with torch.no_grad():
-            tl = shift_left(batch["hidden_last"], 1 + step).to(head.dtype) @ head.T
+            tl = pick(batch["hidden_last"]).to(head.dtype) @ head.T
             arg = tl.argmax(-1)
             used = torch.arange(model.d2t.shape[0], device=tl.device) + model.d2t
             p = torch.softmax(tl[..., used].float(), dim=-1)
         return arg, lambda logq: -(p * logq).sum(-1)
-    ids, p = topk_target(batch, 1 + step)
+    ids = pick(batch["topk_ids"])
+    p = pick(batch["topk_logprobs"].float()).exp()
     dids = model.target_to_draft(ids)
     p = torch.where(dids >= 0, p, torch.zeros_like(p))
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
@@ -335,10 +344,12 @@ def training_loss(model: Eagle3Draft, batch: dict[str, torch.Tensor],
     total = torch.zeros((), device=aux.device)
     stats = []
     for i, h in enumerate(outs):
-        logits = model.logits(h).float()
+        counted = shifted_rows(batch, i)["counted"]
+        arg, ce_fn = _step_target(model, batch, i, obj.target, counted)
+        # draft-vocab logits only for counted rows: the lm_head is most of the step's compute
+        logits = model.logits(h[counted]).float()
         logq = torch.log_softmax(logits, dim=-1)
-        arg, ce_fn = _step_target(model, batch, i, obj.target)
-        w = (shifted_rows(batch, i)["counted"] & model.t2d[arg]).float()
+        w = model.t2d[arg].float()
         loss_i = masked_mean(ce_fn(logq), w)
         total = total + obj.step_decay**i * loss_i
         with torch.no_grad():

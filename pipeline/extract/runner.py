@@ -81,7 +81,8 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
-    return [2, num_layers // 2, num_layers - 3]
+    """EAGLE-3's {2, N//2, N-3}, as HF hidden-state indices; deduplicated for very shallow test models."""
+    return sorted({min(max(i, 1), num_layers - 1) for i in (2, num_layers // 2, num_layers - 3)})
 
 
 def weights_sha256(model_dir: Path) -> str:

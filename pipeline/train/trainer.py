@@ -57,7 +57,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: at the end only (when val_fraction > 0)
     val_fraction: float = 0.0
     target: str = "topk"  # topk | full
-    noise: str = "uniform"  # uniform | none
+    noise: str | None = None  # uniform | gaussian | none; default: uniform for EAGLE-1, none for EAGLE-3
     noise_std: float = 0.2
     noise_scale_by_length: bool = False
     v_weight: float = 1.0
@@ -193,7 +193,7 @@ def train(cfg: TrainConfig) -> dict:
             t0 = time.perf_counter()
             wait0 = prefetch.wait_s
             sums: dict[str, float] = {}
-            tokens = 0.0
+            weights: dict[str, float] = {}
             batch_tokens = 0
             engine.module.train()
             for micro in range(cfg.grad_accum):
@@ -201,16 +201,13 @@ def train(cfg: TrainConfig) -> dict:
                 torch.manual_seed(_step_seed(cfg.seed, step, micro, rank))
                 loss, metrics = variants.loss(cfg, engine.module, engine.to_device(batch), objective)
                 engine.backward_step(loss)
-                n = metrics.get("tokens", 1.0)
-                tokens += n
                 batch_tokens += int((batch["doc_ids"] >= 0).sum())
-                for k, v in metrics.items():
-                    if k != "tokens":
-                        sums[k] = sums.get(k, 0.0) + v * n
+                for k, (v, w) in variants.weighted(metrics).items():
+                    sums[k] = sums.get(k, 0.0) + v * w
+                    weights[k] = weights.get(k, 0.0) + w
                 loader_state = state
             step += 1
-            mean = engine.all_mean({k: v / max(tokens, 1e-9) for k, v in sums.items()},
-                                   {k: tokens for k in sums})  # fmt: skip
+            mean = engine.all_mean({k: v / max(weights[k], 1e-9) for k, v in sums.items()}, weights)
             elapsed = time.perf_counter() - t0
             total_tok, wait = engine.all_sum([batch_tokens, prefetch.wait_s - wait0])
             rec = {"kind": "train", "step": step, "lr": engine.lr, "tokens_per_s": total_tok / elapsed,
@@ -240,7 +237,7 @@ def train(cfg: TrainConfig) -> dict:
     _save_weights(engine, run_dir / "final", cfg, build_info, {"step": step}, rank)
     summary = {"steps": step, "total_steps": total_steps, "wall_s": round(time.time() - started, 2),
                "first": first, "last": last, "packing_waste": waste, "best_val_tau": best_tau if val_batches else None,
-               "world_size": world, "run_dir": str(run_dir)}  # fmt: skip
+               "world_size": world, "rank": rank, "run_dir": str(run_dir)}  # fmt: skip
     if rank == 0:
         log.close()
         plot_curves(run_dir, run_dir / "curves.png")

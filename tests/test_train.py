@@ -1,0 +1,172 @@
+"""The DeepSpeed trainer: runs, refusals, exact kill/resume, two gloo ranks, export round trip, real SmolLM2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import store as st
+from pipeline.draft.export import load_export
+from pipeline.train.loader import collate, pack_samples
+from pipeline.train.metrics import read_metrics
+from pipeline.train.trainer import TrainConfig, TrainError, train
+from pipeline.train.variants import load_run, required_fields
+
+FAST = dict(tokens_per_batch=512, lr=3e-3, progress=False)
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu")
+
+
+def cli_args(store: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "train", "--feats", str(store), "--out", str(out),
+            "--tokens-per-batch", "512", "--lr", "3e-3", "--no-progress", *extra]  # fmt: skip
+
+
+def losses(run: Path, key: str = "loss") -> list[float]:
+    return [r[key] for r in read_metrics(run) if r["kind"] == "train"]
+
+
+def store_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+def test_eagle1_run_writes_its_directory_and_never_the_store(tiny_store, tmp_path):
+    before = store_snapshot(tiny_store)
+    a = train(TrainConfig(feats=str(tiny_store), out=str(tmp_path / "a"), max_steps=12, val_fraction=0.2,
+                          eval_every=6, **FAST))  # fmt: skip
+    b = train(TrainConfig(feats=str(tiny_store), out=str(tmp_path / "b"), max_steps=12, seed=1,
+                          **dict(FAST, lr=1e-3)))  # fmt: skip  a second run on the same store
+    assert store_snapshot(tiny_store) == before
+    for run, summary in ((tmp_path / "a", a), (tmp_path / "b", b)):
+        record = json.loads((run / "config.json").read_text())
+        assert record["store_fingerprint_digest"] == st.StoreReader(tiny_store).digest
+        assert record["code_version"] and record["train"]["lr"] in (3e-3, 1e-3)
+        assert (run / "curves.png").stat().st_size > 10_000 and (run / "final" / "model.safetensors").exists()
+        assert summary["last"]["loss"] < summary["first"]["loss"]
+        trained = [r for r in read_metrics(run) if r["kind"] == "train"]
+        assert len(trained) == 12 and {"loss", "vloss", "ploss", "acc", "lr", "tokens_per_s",
+                                       "loader_wait_s"} <= set(trained[0])  # fmt: skip
+    val = [r for r in read_metrics(tmp_path / "a") if r["kind"] == "val"]
+    assert [r["step"] for r in val] == [6, 12] and all(r["tau"] >= 1 for r in val)
+    assert (tmp_path / "a" / "best" / "model.safetensors").exists()
+
+
+def test_eagle3_topk_and_full_targets(tiny_store, tmp_path):
+    for target in ("topk", "full"):
+        s = train(TrainConfig(feats=str(tiny_store), out=str(tmp_path / target), variant="eagle3", max_steps=8,
+                              draft_vocab_size=2048, ttt_steps=3, target=target, **FAST))  # fmt: skip
+        assert s["last"]["loss"] < s["first"]["loss"]
+        assert {"acc_0", "acc_1", "acc_2", "loss_2"} <= set(s["last"])
+    record = json.loads((tmp_path / "topk" / "config.json").read_text())
+    assert 0.9 < record["draft"]["draft_vocab_coverage"] <= 1.0
+
+
+def test_refusals_name_the_problem(tiny_store, tiny_llama_dir, tmp_path):
+    from conftest import build_store
+
+    only3 = build_store(tiny_llama_dir, tmp_path / "e3", limit=4, max_length=64, top_k=4, stored_for="eagle3")
+    with pytest.raises(st.StoreError, match="needs hidden_last"):
+        train(TrainConfig(feats=str(only3), out=str(tmp_path / "r1"), max_steps=1, **FAST))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_store, broken)
+    victim = next((broken / "shards" / "shard-00001" / "tensors" / "input_ids" / "c").rglob("*"))
+    victim.write_bytes(b"\0" + victim.read_bytes()[1:])
+    assert st.verify_store(broken)  # records the failure in verify.arrow
+    with pytest.raises(st.StoreError, match="last `pipeline verify` failed"):
+        train(TrainConfig(feats=str(broken), out=str(tmp_path / "r2"), max_steps=1, **FAST))
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_store, partial)
+    shutil.rmtree(partial / "shards" / "shard-00000")
+    with pytest.raises(st.StoreError, match="shards not committed: 0"):
+        train(TrainConfig(feats=str(partial), out=str(tmp_path / "r3"), max_steps=1, **FAST))
+    run = tmp_path / "r4"
+    train(TrainConfig(feats=str(tiny_store), out=str(run), max_steps=2, save_every=1, **FAST))
+    (run / "summary.json").unlink()  # pretend it was interrupted, then change the recipe
+    with pytest.raises(TrainError, match="lr: run has 0.003, now 0.01"):
+        train(TrainConfig(feats=str(tiny_store), out=str(run), max_steps=2, **dict(FAST, lr=1e-2)))
+
+
+def test_kill_and_resume_is_exact(tiny_store, tmp_path):
+    args = ["--max-steps", "8", "--save-every", "4", "--val-fraction", "0.2", "--eval-every", "4"]
+    whole = tmp_path / "whole"
+    subprocess.run(cli_args(tiny_store, whole, *args), env=ENV, check=True, capture_output=True)
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(cli_args(tiny_store, cut, *args), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    latest = cut / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() == "step4"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text().strip() == "step4" and not (cut / "summary.json").exists()
+    resumed = subprocess.run(cli_args(tiny_store, cut, *args, "--resume"), env=ENV, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(cut) == losses(whole) and len(losses(whole)) == 8
+    assert losses(cut, "lr") == losses(whole, "lr")
+    assert [r["tau"] for r in read_metrics(cut) if r["kind"] == "val"] == [
+        r["tau"] for r in read_metrics(whole) if r["kind"] == "val"]  # fmt: skip
+    a, b = load_run(whole)[0].state_dict(), load_run(cut)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_gloo_ranks_with_zero2(tiny_store, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "pipeline.cli", "train", "--feats", str(tiny_store), "--out", str(out), "--variant", "eagle3",
+           "--max-steps", "4", "--zero-stage", "2", "--tokens-per-batch", "512", "--draft-vocab-size", "2048",
+           "--ttt-steps", "2", "--save-every", "2", "--no-progress"]  # fmt: skip
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    record = json.loads((out / "config.json").read_text())
+    assert record["deepspeed"]["zero_optimization"]["stage"] == 2
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir()) == ["step2", "step4"]
+    assert all(torch.isfinite(torch.tensor(losses(out))))
+
+
+def test_export_reloads_identically(tiny_store, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main as cli
+
+    reader = st.StoreReader(tiny_store)
+    for variant, fmt in (("eagle1", "vllm"), ("eagle3", "vllm"), ("eagle3", "speculators")):
+        run = tmp_path / variant
+        if not run.exists():
+            train(TrainConfig(feats=str(tiny_store), out=str(run), variant=variant, max_steps=2,
+                              draft_vocab_size=2048, ttt_steps=2, **FAST))  # fmt: skip
+        out = tmp_path / f"{variant}-{fmt}"
+        res = CliRunner().invoke(cli, ["export", str(run), "--format", fmt, "--out", str(out), "--dtype", "fp32"])
+        assert res.exit_code == 0, res.output
+        trained, _ = load_run(run)
+        exported, meta = load_export(out)
+        cfg = TrainConfig(feats=str(tiny_store), out="", variant=variant)
+        batch = collate(reader, pack_samples(reader.lengths, range(4), 512)[0], required_fields(cfg), 512)
+        from pipeline.train import variants
+
+        with torch.no_grad():
+            a = variants.evaluate(cfg, trained, batch, variants.build(cfg, reader)[1])
+            b = variants.evaluate(cfg, exported, batch, variants.build(cfg, reader)[1])
+        assert a == b
+        assert CliRunner().invoke(cli, ["export", str(run), "--out", str(out)]).exit_code != 0  # never overwrites
+
+
+@pytest.mark.slow
+def test_real_smollm2_eagle1_and_eagle3_from_one_store(smollm2_store, tmp_path):
+    e1 = train(TrainConfig(feats=str(smollm2_store), out=str(tmp_path / "e1"), max_steps=30,
+                           tokens_per_batch=1024, lr=2e-3, progress=False))  # fmt: skip
+    assert e1["last"]["loss"] < e1["first"]["loss"] and e1["last"]["acc"] > e1["first"]["acc"] + 0.1
+    e3 = train(TrainConfig(feats=str(smollm2_store), out=str(tmp_path / "e3"), variant="eagle3", max_steps=30,
+                           tokens_per_batch=1024, lr=2e-3, draft_vocab_size=4096, ttt_steps=3,
+                           progress=False))  # fmt: skip
+    assert e3["last"]["loss"] < e3["first"]["loss"] and e3["last"]["acc_0"] > e3["first"]["acc_0"] + 0.1
