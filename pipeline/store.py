@@ -32,7 +32,6 @@ VERIFY_FILE = "verify.arrow"
 TARGET_DIR = "target"
 SHARDS_DIR = "shards"
 TENSORS_DIR = "tensors"
-STAGING_DIR = "staging"
 INDEX_FILE = "index.arrow"
 COUNTS_FILE = "token_counts.arrow"
 COMMIT_FILE = "commit.arrow"
@@ -308,32 +307,51 @@ class StoreWriter:
                              f"store has {self.digest}")  # fmt: skip
         return True
 
-    def begin_shard(self, shard: int, records: tuple[int, int], chunk_tokens: int | None = None) -> ShardWriter:
+    def begin_shard(self, shard: int, records: tuple[int, int], expected_tokens: int | None = None) -> ShardWriter:
+        """A writer for ``shard``. ``expected_tokens`` (the tokenized length of its samples) lets the chunk
+        length divide the shard almost exactly; without it chunks are ``chunk_tokens`` long."""
         shards = self.root / SHARDS_DIR
         # Leftovers of a crashed writer of this shard: never committed, safe to remove.
         for stale in shards.glob(f"{TMP_PREFIX}{shard_name(shard)}-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = shards / f"{TMP_PREFIX}{shard_name(shard)}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        return ShardWriter(self, shard, tmp, records)
+        return ShardWriter(self, shard, tmp, records, expected_tokens)
 
 
 class ShardWriter:
     """Appends samples token-major to one shard's Zarr arrays; `commit` publishes the shard atomically."""
 
-    def __init__(self, store: StoreWriter, shard: int, tmp: Path, records: tuple[int, int]):
+    def __init__(self, store: StoreWriter, shard: int, tmp: Path, records: tuple[int, int],
+                 expected_tokens: int | None = None):  # fmt: skip
+        import zarr
+        from zarr.storage import LocalStore
+
         self.store, self.shard, self.tmp, self.records = store, shard, tmp, records
-        self.max_chunk = int(store.fingerprint["sharding"]["chunk_tokens"])
-        (tmp / STAGING_DIR).mkdir(parents=True)
-        # Rows are appended raw to staging files and turned into Zarr arrays at commit, once the shard's length
-        # is known: that lets the chunk length divide the shard almost exactly (Zarr v3 pads edge chunks).
-        self.staging = {name: open(tmp / STAGING_DIR / f"{name}.raw", "wb") for name in store.fields}
-        self.tokens = 0
+        self.chunk = chunk_length(expected_tokens, int(store.fingerprint["sharding"]["chunk_tokens"]))
+        tmp.mkdir(parents=True)
+        group = zarr.open_group(LocalStore(str(tmp / TENSORS_DIR)), mode="w")
+        codec = store.fingerprint["sharding"]["codec"]
+        self.arrays = {}
+        for name, (tail, logical) in store.fields.items():
+            dt = storage_dtype(logical)
+            self.arrays[name] = group.create_array(
+                name, shape=(0, *tail), chunks=(self.chunk, *tail), dtype=dt, fill_value=0,
+                compressors=_compressors(codec, dt.itemsize), config={"write_empty_chunks": True},
+                attributes={"pipeline_dtype": logical},
+            )  # fmt: skip
+        self.pending: dict[str, list[np.ndarray]] = {n: [] for n in store.fields}
+        self.pending_rows = 0
+        self.written_rows = 0  # rows in zarr: whole chunks until the final flush
         self.index_rows: list[dict] = []
         self.counts: Counter[int] = Counter()
         self.skipped: Counter[str] = Counter()
         self.skipped_records: list[dict] = []
         self.quarantined: list[dict] = []
         self.started = time.time()
+
+    @property
+    def tokens(self) -> int:
+        return self.written_rows + self.pending_rows
 
     def skip(self, source_index: int, record_id: str, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
@@ -365,45 +383,32 @@ class ShardWriter:
                                 "record_id": meta.record_id, "offset": self.tokens, "length": length,
                                 "loss_tokens": loss_tokens, "truncated": meta.truncated})  # fmt: skip
         for name, arr in stored.items():
-            self.staging[name].write(np.ascontiguousarray(arr).tobytes())
-        self.tokens += length
+            self.pending[name].append(arr)
+        self.pending_rows += length
+        if self.pending_rows >= self.chunk:
+            self._flush(final=False)
         return True
 
-    def _write_zarr(self) -> None:
-        import zarr
-        from zarr.storage import LocalStore
-
-        for f in self.staging.values():
-            f.close()
-        n_chunks = max(1, -(-self.tokens // self.max_chunk))
-        chunk = max(1, -(-self.tokens // n_chunks))  # <= chunk_tokens, pads fewer than n_chunks rows in all
-        group = zarr.open_group(LocalStore(str(self.tmp / TENSORS_DIR)), mode="w")
-        codec = self.store.fingerprint["sharding"]["codec"]
-        for name, (tail, logical) in self.store.fields.items():
-            dt = storage_dtype(logical)
-            arr = group.create_array(
-                name, shape=(self.tokens, *tail), chunks=(chunk, *tail), dtype=dt, fill_value=0,
-                compressors=_compressors(codec, dt.itemsize), config={"write_empty_chunks": True},
-                attributes={"pipeline_dtype": logical},
-            )  # fmt: skip
-            raw = self.tmp / STAGING_DIR / f"{name}.raw"
-            if self.tokens:
-                rows = np.memmap(raw, dtype=dt, mode="r", shape=(self.tokens, *tail))
-                step = chunk * max(1, (64 << 20) // max(1, chunk * rows[:1].nbytes))  # ~64 MiB, whole chunks
-                for a in range(0, self.tokens, step):
-                    arr[a:a + step] = rows[a:a + step]
-                del rows
-            raw.unlink()
-        (self.tmp / STAGING_DIR).rmdir()
+    def _flush(self, final: bool) -> None:
+        rows = self.pending_rows if final else (self.pending_rows // self.chunk) * self.chunk
+        if rows == 0:
+            return
+        start = self.written_rows
+        for name, parts in self.pending.items():
+            block = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+            arr = self.arrays[name]
+            arr.resize((start + rows, *arr.shape[1:]))
+            arr[start:start + rows] = block[:rows]  # chunk-aligned: whole chunks written, none read back
+            self.pending[name] = [block[rows:]] if rows < len(block) else []
+        self.pending_rows -= rows
+        self.written_rows += rows
 
     def abort(self) -> None:
-        for f in self.staging.values():
-            f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def commit(self) -> dict:
-        """Write the Zarr arrays, checksum, fsync and rename into place. Returns the commit statistics."""
-        self._write_zarr()
+        """Flush, checksum, fsync and rename into place. Returns the commit statistics."""
+        self._flush(final=True)
         index = pa.Table.from_pylist(self.index_rows, schema=INDEX_SCHEMA)
         _write_arrow(self.tmp / INDEX_FILE, index)
         ids = np.array(sorted(self.counts), dtype=np.int32)
@@ -411,12 +416,8 @@ class ShardWriter:
                            "count": pa.array([self.counts[int(i)] for i in ids], pa.int64())})  # fmt: skip
         _write_arrow(self.tmp / COUNTS_FILE, counts)
         files = sorted(p for p in self.tmp.rglob("*") if p.is_file())
-        rows = []
-        for p in files:
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-            rows.append({"path": p.relative_to(self.tmp).as_posix(), "bytes": p.stat().st_size,
-                         "sha256": sha256_file(p)})  # fmt: skip
+        rows = [{"path": p.relative_to(self.tmp).as_posix(), "bytes": p.stat().st_size, "sha256": h}
+                for p, h in zip(files, _sync_and_hash(files), strict=True)]  # fmt: skip
         stats = {
             "shard": self.shard, "fingerprint_digest": self.store.digest,
             "samples": len(self.index_rows), "tokens": self.tokens,
@@ -442,6 +443,28 @@ class ShardWriter:
             raise StoreError(f"{final}: already committed by another worker; this copy was discarded") from e
         _fsync_dir(final.parent)
         return stats
+
+
+def chunk_length(expected_tokens: int | None, chunk_tokens: int) -> int:
+    """At most ``chunk_tokens``, and dividing ``expected_tokens`` into chunks with less than one row of padding
+    per chunk (Zarr v3 stores the edge chunk at full size)."""
+    if expected_tokens is None:
+        return chunk_tokens
+    n_chunks = max(1, -(-expected_tokens // chunk_tokens))
+    return max(1, -(-expected_tokens // n_chunks))
+
+
+def _sync_and_hash(files: list[Path]) -> list[str]:
+    """fsync + sha256 of each file, several at once (hashlib and fsync release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(p: Path) -> str:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+        return sha256_file(p)
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, files))
 
 
 INDEX_SCHEMA = pa.schema([

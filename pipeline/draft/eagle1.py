@@ -119,6 +119,7 @@ class Eagle1Draft(nn.Module):
     # ---- forward -------------------------------------------------------------------------------------------
 
     def _layer(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, attend_to):
+        hidden = hidden.to(self.fc.weight.dtype)  # fp32 features (noise, stored dtypes) into a bf16 engine
         x = self.fc(torch.cat([self.embed_tokens(input_ids).to(hidden.dtype), hidden], dim=-1))
         cos, sin = self.rotary(position_ids)
         return self.layers[0](x, cos, sin, attend_to)
@@ -220,7 +221,7 @@ def training_loss(model: Eagle1Draft, batch: dict[str, torch.Tensor],
     target_f = shift_left(f, 1)[counted]
     if obj.target == "full":
         with torch.no_grad():
-            tlogits = model.lm_head(target_f).float()
+            tlogits = model.lm_head(target_f.to(model.lm_head.weight.dtype)).float()
             p = torch.softmax(tlogits, dim=-1)
             target_arg = tlogits.argmax(-1)
         ce = -(p * logq).sum(-1)
@@ -256,5 +257,6 @@ def chain_acceptance(model: Eagle1Draft, batch: dict[str, torch.Tensor], steps: 
     if "topk_ids" in batch:
         targets = [shift_left(batch["topk_ids"][..., 0], 1 + i) for i in range(steps)]
     else:
-        targets = [model.lm_head(shift_left(batch["hidden_last"], 1 + i)).argmax(-1) for i in range(steps)]
+        head_in = batch["hidden_last"].to(model.lm_head.weight.dtype)
+        targets = [model.lm_head(shift_left(head_in, 1 + i)).argmax(-1) for i in range(steps)]
     return greedy_chain_acceptance(batch, drafts, targets, require_greedy_prefix)

@@ -56,9 +56,10 @@ class HFBackend:
         return TargetPieces(config=self.config, weights=weights, tokenizer=self.tokenizer)
 
     @torch.inference_mode()
-    def forward(self, batch: list[list[int]], aux_layers: list[int], top_k: int,
-                want_last: bool, want_aux: bool) -> list[dict[str, torch.Tensor]]:  # fmt: skip
-        """Right-padded batch forward; returns per sample {hidden_last [L,H], hidden_aux [L,A,H], topk_*}."""
+    def forward(self, batch: list[list[int]], aux_layers: list[int], top_k: int, want_last: bool, want_aux: bool,
+                hidden_dtype: torch.dtype = torch.float32) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+        """Right-padded batch forward; returns per sample {hidden_last [L,H], hidden_aux [L,A,H], topk_*} on the
+        CPU, hidden states already in ``hidden_dtype`` (cast on the device: half the transfer for bf16)."""
         lengths = [len(x) for x in batch]
         width = max(lengths)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -73,9 +74,9 @@ class HFBackend:
         for i, n in enumerate(lengths):
             sample: dict[str, torch.Tensor] = {}
             if want_last:
-                sample["hidden_last"] = hidden[-1][i, :n].float()
+                sample["hidden_last"] = hidden[-1][i, :n].to(hidden_dtype)
             if want_aux:
-                sample["hidden_aux"] = torch.stack([hidden[a][i, :n] for a in aux_layers], dim=1).float()
+                sample["hidden_aux"] = torch.stack([hidden[a][i, :n] for a in aux_layers], dim=1).to(hidden_dtype)
             sample["topk_logprobs"], sample["topk_ids"] = topk_logprobs(out.logits[i, :n], top_k)
             results.append({k: v.to("cpu", non_blocking=True) for k, v in sample.items()})
         return results

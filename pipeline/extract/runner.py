@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import time
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -185,13 +186,24 @@ def make_backend(cfg: ExtractConfig, model_dir: Path):
 def run_extract(cfg: ExtractConfig, backend=None) -> dict:
     """Extract this worker's shards; returns the summary printed by the CLI. ``backend``: reuse a loaded one."""
     t0 = time.time()
-    rank, world = resolve_rank(cfg.rank, cfg.world_size)
+    resolve_rank(cfg.rank, cfg.world_size)
     if cfg.hidden_dtype not in HIDDEN_DTYPES:
         raise ValueError(f"--hidden-dtype {cfg.hidden_dtype!r}: choose one of {', '.join(HIDDEN_DTYPES)}")
     model_dir = resolve_model(cfg.model)
     data_path = resolve_data(cfg.data)
     ids = _read_ids(cfg.ids_file) if cfg.ids_file else None
-    backend = backend or make_backend(cfg, model_dir)
+    # Tokenizing (chat template + offsets) costs as much as a small target's forward on a GPU: worker processes
+    # do it one shard ahead. Forked before the model is loaded and before any thread starts.
+    tok_pool = _tokenizer_pool(model_dir, cfg)
+    try:
+        return _run(cfg, t0, model_dir, data_path, ids, backend or make_backend(cfg, model_dir), tok_pool)
+    finally:
+        tok_pool.shutdown(cancel_futures=True)
+
+
+def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: set[str] | None, backend,
+         tok_pool) -> dict:  # fmt: skip
+    rank, world = resolve_rank(cfg.rank, cfg.world_size)
     tokenizer = backend.tokenizer
     n_layers = backend.num_layers
     aux = list(cfg.aux_layers) if cfg.aux_layers else default_aux_layers(n_layers)
@@ -233,30 +245,22 @@ def run_extract(cfg: ExtractConfig, backend=None) -> dict:
             return fut
 
         loop_t0 = time.time()
-        for shard, records in _shards_of(data_path, cfg, ids, set(todo)):
+        shards = _shards_of(data_path, cfg, ids, set(todo))
+        for shard, records, tokenized in _ahead(shards, lambda item: tok_pool.submit(_tokenize_shard, item[1])):
             start = shard * cfg.shard_size
-            sw = writer.begin_shard(shard, (start, start + len(records)))
+            expected = sum(len(t.input_ids) for t in tokenized if isinstance(t, data_mod.Tokenized))
+            sw = writer.begin_shard(shard, (start, start + len(records)), expected_tokens=expected)
             samples = []
-            for sel, rec in enumerate(records, start):
-                if isinstance(rec, data_mod.Skip):
-                    sw.skip(rec.source_index, rec.record_id, rec.reason, rec.detail)
-                    continue
-                try:
-                    tok = _tokenize(tokenizer, rec, cfg)
-                except data_mod.RenderError as e:
-                    sw.skip(rec.source_index, rec.record_id, "render_error", f"{data_path} record #{rec.source_index} "
-                            f"(id {rec.record_id!r}): {e}")  # fmt: skip
-                    continue
-                if sum(tok.loss_mask) == 0:
-                    sw.skip(rec.source_index, rec.record_id, "no_loss_tokens",
-                            f"{data_path} record #{rec.source_index} (id {rec.record_id!r}): no assistant token "
-                            f"left within --max-length {cfg.max_length}")  # fmt: skip
-                    continue
-                samples.append((SampleMeta(sel, rec.source_index, rec.record_id, tok.truncated), tok))
+            for sel, (rec, tok) in enumerate(zip(records, tokenized, strict=True), start):
+                if isinstance(tok, data_mod.Skip):
+                    sw.skip(tok.source_index, tok.record_id, tok.reason, tok.detail)
+                else:
+                    samples.append((SampleMeta(sel, rec.source_index, rec.record_id, tok.truncated), tok))
             bar.update(len(records) - len(samples))
             for batch in length_buckets([len(t.input_ids) for _, t in samples], cfg.batch_tokens):
                 tb = time.time()
-                outs = backend.forward([samples[i][1].input_ids for i in batch], aux, cfg.top_k, want_last, want_aux)
+                outs = backend.forward([samples[i][1].input_ids for i in batch], aux, cfg.top_k, want_last, want_aux,
+                                       hidden_dtype=HIDDEN_DTYPES[cfg.hidden_dtype][1])  # fmt: skip
                 compute_s += time.time() - tb
                 for i, out in zip(batch, outs, strict=True):
                     meta, tok = samples[i]
@@ -306,10 +310,60 @@ def _int_tensor(values: list[int], dtype: str):
     return torch.tensor(values, dtype=getattr(torch, dtype))
 
 
-def _tokenize(tokenizer, rec: data_mod.Record, cfg: ExtractConfig) -> data_mod.Tokenized:
-    if cfg.kind == "fim":
-        return data_mod.tokenize_fim(tokenizer, rec.fim, cfg.max_length, cfg.fim_tokens)
-    return data_mod.tokenize_chat(tokenizer, rec.messages, cfg.max_length)
+# ---- tokenization in worker processes (module-level state: one tokenizer per worker)
+_WORKER: dict = {}
+
+
+def _tokenizer_pool(model_dir: Path, cfg: ExtractConfig) -> ProcessPoolExecutor:
+    workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(str(model_dir), str(resolve_data(cfg.data)), cfg.kind, cfg.max_length,
+                                         tuple(cfg.fim_tokens)))  # fmt: skip
+
+
+def _init_worker(model_dir: str, data_path: str, kind: str, max_length: int, fim_tokens: tuple[str, str, str]) -> None:
+    from transformers import AutoTokenizer
+
+    _WORKER.update(tokenizer=AutoTokenizer.from_pretrained(model_dir), path=data_path, kind=kind,
+                   max_length=max_length, fim_tokens=fim_tokens)  # fmt: skip
+
+
+def _tokenize_shard(records: list) -> list[data_mod.Tokenized | data_mod.Skip]:
+    """Per record: its Tokenized sample, or the Skip that says why it is not stored."""
+    w = _WORKER
+    return [_tokenize_record(r, w["tokenizer"], w["path"], w["kind"], w["max_length"], w["fim_tokens"]) for r in records]
+
+
+def _tokenize_record(rec, tokenizer, path: str, kind: str, max_length: int,
+                     fim_tokens) -> data_mod.Tokenized | data_mod.Skip:  # fmt: skip
+    if isinstance(rec, data_mod.Skip):
+        return rec
+    where = f"{path} record #{rec.source_index} (id {rec.record_id!r})"
+    try:
+        if kind == "fim":
+            tok = data_mod.tokenize_fim(tokenizer, rec.fim, max_length, fim_tokens)
+        else:
+            tok = data_mod.tokenize_chat(tokenizer, rec.messages, max_length)
+    except data_mod.RenderError as e:
+        return data_mod.Skip(rec.source_index, rec.record_id, "render_error", f"{where}: {e}")
+    if sum(tok.loss_mask) == 0:
+        return data_mod.Skip(rec.source_index, rec.record_id, "no_loss_tokens",
+                             f"{where}: no assistant token left within --max-length {max_length}")  # fmt: skip
+    return tok
+
+
+def _ahead(items: Iterator[tuple[int, list]], submit) -> Iterator[tuple[int, list, list]]:
+    """(shard, records, tokenized), with the next shard's tokenization already running."""
+    pending = None
+    for item in items:
+        fut = submit(item)
+        if pending is not None:
+            yield pending[0][0], pending[0][1], pending[1].result()
+        pending = (item, fut)
+    if pending is not None:
+        yield pending[0][0], pending[0][1], pending[1].result()
 
 
 def _shards_of(path: Path, cfg: ExtractConfig, ids: set[str] | None, wanted: set[int]) -> Iterator[tuple[int, list]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import socket
 from dataclasses import dataclass
@@ -50,6 +51,11 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
     if not cuda:  # the shm all-reduce op is a 30 s C++ JIT compile that gloo does not need
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    if cuda and re.search(r"\d\.\d+[a-z]", arch):
+        # DeepSpeed 0.19's JIT op builder (FusedAdam) parses "9.0a" as an int and fails; the suffix only enables
+        # architecture-specific instructions its kernels do not use.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d\.\d+)[a-z]+", r"\1", arch)
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     local = int(os.environ.get("LOCAL_RANK", 0))
