@@ -334,8 +334,8 @@ class ShardWriter:
         self.arrays = {}
         for name, (tail, logical) in store.fields.items():
             dt = storage_dtype(logical)
-            self.arrays[name] = group.create_array(
-                name, shape=(0, *tail), chunks=(self.chunk, *tail), dtype=dt, fill_value=0,
+            self.arrays[name] = group.create_array(  # sized for the expected rows: no metadata rewrite per flush
+                name, shape=(expected_tokens or 0, *tail), chunks=(self.chunk, *tail), dtype=dt, fill_value=0,
                 compressors=_compressors(codec, dt.itemsize), config={"write_empty_chunks": True},
                 attributes={"pipeline_dtype": logical},
             )  # fmt: skip
@@ -397,7 +397,8 @@ class ShardWriter:
         for name, parts in self.pending.items():
             block = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
             arr = self.arrays[name]
-            arr.resize((start + rows, *arr.shape[1:]))
+            if start + rows > arr.shape[0]:
+                arr.resize((start + rows, *arr.shape[1:]))
             arr[start:start + rows] = block[:rows]  # chunk-aligned: whole chunks written, none read back
             self.pending[name] = [block[rows:]] if rows < len(block) else []
         self.pending_rows -= rows
@@ -409,6 +410,9 @@ class ShardWriter:
     def commit(self) -> dict:
         """Flush, checksum, fsync and rename into place. Returns the commit statistics."""
         self._flush(final=True)
+        for arr in self.arrays.values():
+            if arr.shape[0] != self.written_rows:  # fewer rows than expected: quarantined samples
+                arr.resize((self.written_rows, *arr.shape[1:]))
         index = pa.Table.from_pylist(self.index_rows, schema=INDEX_SCHEMA)
         _write_arrow(self.tmp / INDEX_FILE, index)
         ids = np.array(sorted(self.counts), dtype=np.int32)

@@ -164,7 +164,7 @@ def test_nonfinite_sample_is_quarantined(tmp_path):
     fp = fingerprint("float16")
     plan = {"records": 4, "shards": 1, "shard_size": 4}
     w = st.StoreWriter(tmp_path / "s", fp, plan, target())
-    sw = w.begin_shard(0, (0, 4))
+    sw = w.begin_shard(0, (0, 4), expected_tokens=15)  # arrays sized for 3 samples, 1 is stored
     bad = sample(5, 1, fp)
     bad["hidden_aux"][2, 1, 3] = float("nan")
     overflow = sample(5, 2, fp)

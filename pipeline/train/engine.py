@@ -142,13 +142,14 @@ class Engine:
         """Average metrics across ranks (weighted by counted tokens where a weight is given)."""
         keys = sorted(values)
         w = [float((weights or {}).get(k, 1.0)) for k in keys]
-        t = torch.tensor([values[k] * wk for k, wk in zip(keys, w, strict=True)] + w, dtype=torch.float64)
+        t = torch.tensor([values[k] * wk for k, wk in zip(keys, w, strict=True)] + w, dtype=torch.float64,
+                         device=self.device)  # nccl reduces device tensors only
         torch.distributed.all_reduce(t)
         n = len(keys)
         return {k: (t[i] / t[n + i]).item() if t[n + i] else 0.0 for i, k in enumerate(keys)}
 
     def all_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return t.tolist()
 
