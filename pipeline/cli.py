@@ -50,7 +50,8 @@ def main() -> None:
 @click.option("--shard-size", type=int, default=256, show_default=True, help="Source records per shard.")
 @click.option("--chunk-tokens", type=int, default=4096, show_default=True, help="Zarr chunk length (tokens).")
 @click.option("--codec", type=click.Choice(["none", "zstd", "blosc"]), default="none", show_default=True)
-@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Padded tokens per forward.")
+@click.option("--batch-tokens", type=int, default=None,
+              help="Padded tokens per forward (default: 8192 for hf, 65536 for vllm).")  # fmt: skip
 @click.option("--device", default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
 @click.option("--rank", type=int, default=None, help="This worker (default: $RANK, $SLURM_PROCID, 0).")
@@ -63,6 +64,7 @@ def main() -> None:
 def extract(**kw) -> None:
     """Run the target once over chat data and write a sharded feature store."""
     from pipeline.extract.runner import ExtractConfig, run_extract
+    from pipeline.extract.vllm_backend import VLLMRequestError
     from pipeline.store import StoreError
 
     dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[kw["hidden_dtype"]]
@@ -86,7 +88,7 @@ def extract(**kw) -> None:
         cfg.fim_tokens = fim
     try:
         summary = run_extract(cfg)
-    except (StoreError, ValueError, FileNotFoundError) as e:
+    except (StoreError, ValueError, FileNotFoundError, VLLMRequestError) as e:
         _fail(str(e))
     if kw["as_json"]:
         click.echo(json.dumps(summary, indent=2))
@@ -273,6 +275,19 @@ def export(run_dir: Path, fmt: str, out: Path, weights: str, dtype: str) -> None
     path = export_draft(model, model.config, out, fmt, extra, dtype=torch_dtype)
     click.echo(f"exported {record['variant']} ({weights} weights of {run_dir}) as {fmt} to {path}")
 
+
+def _register() -> None:
+    # Commands that live with their stage (their modules import the heavy libraries only when they run).
+    from pipeline.demo import demo_command
+    from pipeline.evaluate.cli import eval_command
+    from pipeline.regenerate import regenerate_command
+
+    main.add_command(eval_command, "eval")
+    main.add_command(demo_command, "demo")
+    main.add_command(regenerate_command, "regenerate")
+
+
+_register()
 
 if __name__ == "__main__":
     main()

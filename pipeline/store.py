@@ -80,8 +80,10 @@ def digest(obj: Any) -> str:
 
 
 def config_sha256(config: dict) -> str:
-    """Hash of a target's HF config, ignoring fields that record who wrote it rather than what it is."""
-    volatile = {"transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset"}
+    """Hash of a target's HF config, ignoring fields that record who wrote or loaded it rather than what it is
+    (the compute dtype is fingerprinted separately as ``model.compute_dtype``)."""
+    volatile = {"transformers_version", "_name_or_path", "_commit_hash", "_attn_implementation_autoset", "dtype",
+                "torch_dtype"}
     return digest({k: v for k, v in config.items() if k not in volatile})
 
 

@@ -36,6 +36,7 @@ class HFBackend:
         self.device = pick_device(device)
         if compute_dtype == "auto":  # bf16 matmuls are ~500x slower than fp32 on CPUs without native bf16
             compute_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.compute_dtype_name = compute_dtype
         self.compute_dtype = getattr(torch, compute_dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.compute_dtype)
@@ -57,9 +58,11 @@ class HFBackend:
 
     @torch.inference_mode()
     def forward(self, batch: list[list[int]], aux_layers: list[int], top_k: int, want_last: bool, want_aux: bool,
-                hidden_dtype: torch.dtype = torch.float32) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+                hidden_dtype: torch.dtype = torch.float32, names: list[str] | None = None,
+                ) -> list[dict[str, torch.Tensor]]:  # fmt: skip
         """Right-padded batch forward; returns per sample {hidden_last [L,H], hidden_aux [L,A,H], topk_*} on the
-        CPU, hidden states already in ``hidden_dtype`` (cast on the device: half the transfer for bf16)."""
+        CPU, hidden states already in ``hidden_dtype`` (cast on the device: half the transfer for bf16). ``names``
+        label the samples in errors (the vLLM backend's interface; a local forward has nothing to add)."""
         lengths = [len(x) for x in batch]
         width = max(lengths)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)

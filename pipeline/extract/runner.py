@@ -60,7 +60,7 @@ class ExtractConfig:
     shard_size: int = 256
     chunk_tokens: int = 4096
     codec: str = "none"
-    batch_tokens: int = 8192
+    batch_tokens: int | None = None  # padded tokens per forward; None: the backend's preference
     device: str = "auto"
     compute_dtype: str = "auto"
     backend: str = "hf"
@@ -111,7 +111,7 @@ def tokenizer_fingerprint(model_dir: Path, tokenizer) -> dict:
 
 
 def build_fingerprint(cfg: ExtractConfig, model_dir: Path, data_path: Path, data_format: str, config: dict,
-                      tokenizer, num_layers: int, aux: list[int], backend: str) -> dict:  # fmt: skip
+                      tokenizer, num_layers: int, aux: list[int], backend: str, backend_dtype: str) -> dict:  # fmt: skip
     stored = {"both": ["hidden_last", "hidden_aux"], "eagle1": ["hidden_last"], "eagle3": ["hidden_aux"]}[cfg.stored_for]
     ids_sha = sha256_file(Path(cfg.ids_file)) if cfg.ids_file else None
     return {
@@ -120,6 +120,7 @@ def build_fingerprint(cfg: ExtractConfig, model_dir: Path, data_path: Path, data
         "backend": backend,
         "model": {"name": model_dir.name, "path": str(model_dir.resolve()), "config_sha256": config_sha256(config),
                   "weights_sha256": weights_sha256(model_dir), "num_layers": num_layers,
+                  "compute_dtype": backend_dtype,
                   "hidden_size": int(config["hidden_size"]), "vocab_size": int(config["vocab_size"])},
         "tokenizer": tokenizer_fingerprint(model_dir, tokenizer),
         "layers": {"aux": aux, "last": num_layers, "stored": stored},
@@ -179,7 +180,8 @@ def make_backend(cfg: ExtractConfig, model_dir: Path):
     if cfg.backend == "vllm":
         from pipeline.extract.vllm_backend import VLLMBackend
 
-        return VLLMBackend(model_dir, **cfg.backend_options)
+        # vLLM would otherwise size its batch budget for the model's whole context window
+        return VLLMBackend(model_dir, max_model_len=cfg.max_length + 1, **cfg.backend_options)
     raise ValueError(f"--backend {cfg.backend!r}: choose hf or vllm")
 
 
@@ -195,10 +197,14 @@ def run_extract(cfg: ExtractConfig, backend=None) -> dict:
     # Tokenizing (chat template + offsets) costs as much as a small target's forward on a GPU: worker processes
     # do it one shard ahead. Forked before the model is loaded and before any thread starts.
     tok_pool = _tokenizer_pool(model_dir, cfg)
+    owned = backend is None
     try:
-        return _run(cfg, t0, model_dir, data_path, ids, backend or make_backend(cfg, model_dir), tok_pool)
+        backend = backend or make_backend(cfg, model_dir)
+        return _run(cfg, t0, model_dir, data_path, ids, backend, tok_pool)
     finally:
         tok_pool.shutdown(cancel_futures=True)
+        if owned and backend is not None and hasattr(backend, "close"):
+            backend.close()
 
 
 def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: set[str] | None, backend,
@@ -218,12 +224,13 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: s
 
     n_records, stream_report = count_selection(data_path, cfg.kind, cfg.offset, cfg.limit, ids)
     fingerprint = build_fingerprint(cfg, model_dir, data_path, stream_report["format"], backend.config, tokenizer,
-                                    n_layers, aux, backend.name)
+                                    n_layers, aux, backend.name, backend.compute_dtype_name)
     n_shards = -(-n_records // cfg.shard_size)
     plan = {"records": n_records, "shards": n_shards, "shard_size": cfg.shard_size}
     writer = StoreWriter(cfg.out, fingerprint, plan, backend.target_pieces(), rank=rank, world_size=world)
     mine = [s for s in range(n_shards) if s % world == rank]
     todo = [s for s in mine if not writer.is_committed(s)]
+    batch_tokens = cfg.batch_tokens or getattr(backend, "preferred_batch_tokens", 8192)
     want_last = "hidden_last" in fingerprint["layers"]["stored"]
     want_aux = "hidden_aux" in fingerprint["layers"]["stored"]
 
@@ -257,10 +264,11 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: s
                 else:
                     samples.append((SampleMeta(sel, rec.source_index, rec.record_id, tok.truncated), tok))
             bar.update(len(records) - len(samples))
-            for batch in length_buckets([len(t.input_ids) for _, t in samples], cfg.batch_tokens):
+            for batch in length_buckets([len(t.input_ids) for _, t in samples], batch_tokens):
                 tb = time.time()
                 outs = backend.forward([samples[i][1].input_ids for i in batch], aux, cfg.top_k, want_last, want_aux,
-                                       hidden_dtype=HIDDEN_DTYPES[cfg.hidden_dtype][1])  # fmt: skip
+                                       hidden_dtype=HIDDEN_DTYPES[cfg.hidden_dtype][1],
+                                       names=[_name(samples[i][0]) for i in batch])  # fmt: skip
                 compute_s += time.time() - tb
                 for i, out in zip(batch, outs, strict=True):
                     meta, tok = samples[i]
@@ -297,6 +305,10 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: s
         "tokens_per_s": round(totals["stored_tokens"] / loop_s, 1) if loop_s else 0.0,
         "source": stream_report,
     }  # fmt: skip
+
+
+def _name(meta: SampleMeta) -> str:
+    return f"record {meta.record_id!r} (source #{meta.source_index}, sample {meta.sample_id})"
 
 
 def _append_all(sw, metas, outs) -> None:
