@@ -109,6 +109,8 @@ def main() -> None:
     print("(a) throughput                         tokens/s   ratio")
     print(f"    bare HF forward (no writing)       {tokens / bare_s:8.1f}   1.00")
     print(f"    pipeline extract (loop)            {tokens / ours['loop_s']:8.1f}   {bare_s / ours['loop_s']:.2f}")
+    print(f"    (its forward passes alone          {tokens / ours['forward_s']:8.1f}; time outside them: "
+          f"{1 - ours['forward_s'] / ours['loop_s']:.1%} of the loop)")
 
     info = inspect_store(work / "none")
     peer = peer_layout_bytes(StoreReader(work / "none"), work / "peer")

@@ -130,6 +130,10 @@ def test_kill_and_resume_gives_identical_tensors(tiny_llama_dir, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    deadline = time.time() + 20  # its tokenizer worker processes die with it
+    while time.time() < deadline and _processes_mentioning(str(killed)):
+        time.sleep(0.1)
+    assert not _processes_mentioning(str(killed))
     committed = len(list(shards.glob("shard-*")))
     assert 0 < committed < 15, committed
     assert list(shards.glob(".tmp-shard-*"))  # the crash left a half-written shard behind
@@ -142,6 +146,17 @@ def test_kill_and_resume_gives_identical_tensors(tiny_llama_dir, tmp_path):
     subprocess.run([sys.executable, "-m", "pipeline.cli", "extract", "--out", str(clean), *args], env=env,
                    check=True, capture_output=True)  # fmt: skip
     assert tensor_checksums(killed) == tensor_checksums(clean)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
 
 
 def test_malformed_inputs_are_counted(tiny_llama_dir, tmp_path):

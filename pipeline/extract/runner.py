@@ -12,6 +12,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -331,15 +332,28 @@ def _tokenizer_pool(model_dir: Path, cfg: ExtractConfig) -> ProcessPoolExecutor:
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(str(model_dir), str(resolve_data(cfg.data)), cfg.kind, cfg.max_length,
-                                         tuple(cfg.fim_tokens)))  # fmt: skip
+                               initargs=(os.getpid(), str(model_dir), str(resolve_data(cfg.data)), cfg.kind,
+                                         cfg.max_length, tuple(cfg.fim_tokens)))  # fmt: skip
 
 
-def _init_worker(model_dir: str, data_path: str, kind: str, max_length: int, fim_tokens: tuple[str, str, str]) -> None:
+def _init_worker(parent: int, model_dir: str, data_path: str, kind: str, max_length: int,
+                 fim_tokens: tuple[str, str, str]) -> None:  # fmt: skip
     from transformers import AutoTokenizer
 
+    _die_with_parent(parent)
     _WORKER.update(tokenizer=AutoTokenizer.from_pretrained(model_dir), path=data_path, kind=kind,
                    max_length=max_length, fim_tokens=fim_tokens)  # fmt: skip
+
+
+def _die_with_parent(parent: int) -> None:
+    # A killed extraction (SIGKILL, OOM) must not leave its tokenizer workers behind.
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(0)
 
 
 def _tokenize_shard(records: list) -> list[data_mod.Tokenized | data_mod.Skip]:

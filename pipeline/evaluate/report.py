@@ -1,0 +1,160 @@
+"""The evaluation report: aggregation, JSON + PNG files, the printed summary and a side-by-side comparison."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+TAU_CONVENTION = (
+    "tau = decode tokens / target verification forwards. Decode tokens: every new token except the first, which "
+    "the prefill forward (not counted) produced; each verification emits accepted drafts + 1 bonus token (fewer "
+    "only when a stop token or max_new_tokens cuts it). Plain decoding has tau = 1."
+)
+
+
+def _sum_lists(lists: list[list[int]]) -> list[int]:
+    width = max((len(x) for x in lists), default=0)
+    return [sum(x[i] for x in lists if i < len(x)) for i in range(width)]
+
+
+def _rate(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def build_report(records: list[dict[str, Any]], settings: dict[str, Any], draft: dict[str, Any],
+                 target: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """Overall numbers are token-weighted (sums over all turns), not means of per-turn ratios."""
+    forwards = sum(r["target_forwards"] for r in records)
+    decode_tokens = sum(r["decode_tokens"] for r in records)
+    attempted = _sum_lists([r["attempted"] for r in records])
+    accepted = _sum_lists([r["accepted"] for r in records])
+    spec_tps = _rate(sum(r["new_tokens"] for r in records), sum(r["wall_s"] for r in records))
+    base = [r["baseline"] for r in records]
+    base_tps = _rate(sum(b["new_tokens"] for b in base), sum(b["wall_s"] for b in base))
+    greedy = settings.get("temperature", 0) <= 0
+    lengths = Counter(n for r in records for n in r["accept_lengths"])
+    return {
+        "acceptance_length": _rate(decode_tokens, forwards),
+        "acceptance_length_convention": TAU_CONVENTION,
+        "per_position_acceptance": [_rate(a, t) for a, t in zip(accepted, attempted, strict=True)],
+        "per_position_acceptance_convention": "P(depth d accepted | depth d-1 accepted and a draft at depth d "
+                                              "was there to try); chain: position d",
+        "per_position_attempted": attempted,
+        "per_position_accepted": accepted,
+        "accept_length_histogram": {str(k): lengths[k] for k in sorted(lengths)},
+        "mismatches": sum(bool(r["mismatch"]) for r in records) if greedy else None,
+        "target_forwards": forwards,
+        "prefill_forwards": sum(r["prefill_forwards"] for r in records),
+        "decode_tokens": decode_tokens,
+        "new_tokens": sum(r["new_tokens"] for r in records),
+        "tokens_per_s": spec_tps,
+        "baseline_tokens_per_s": base_tps,
+        "baseline_target_forwards": sum(b["target_forwards"] for b in base),
+        "speedup": _rate(spec_tps or 0.0, base_tps or 0.0) if base_tps else None,
+        "turns": len(records),
+        "settings": settings,
+        "draft": draft,
+        "target": target,
+        "prompts": records,
+    }
+
+
+def write_report(report: dict[str, Any], path: str | Path) -> tuple[Path, Path]:
+    """Write the JSON report and its PNG (same name, ``.png``); returns both paths."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    png = path.with_suffix(".png")
+    plot_report(report, png)
+    return path, png
+
+
+def plot_report(report: dict[str, Any], png: Path) -> None:
+    """Per-position acceptance bars, tokens-per-forward histogram, per-turn tau histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    rates = [r if r is not None else 0.0 for r in report["per_position_acceptance"]]
+    axes[0].bar(range(1, len(rates) + 1), rates, color="tab:blue")
+    axes[0].set(title="acceptance per draft position / depth", xlabel="position (depth)", ylabel="P(accept | prev)",
+                ylim=(0, 1))  # fmt: skip
+    hist = {int(k): v for k, v in report["accept_length_histogram"].items()}
+    axes[1].bar(list(hist), list(hist.values()), color="tab:green")
+    tau = report["acceptance_length"]
+    axes[1].set(title=f"tokens per target forward (tau = {tau:.2f})" if tau else "tokens per target forward",
+                xlabel="tokens emitted (accepted + bonus)", ylabel="verification forwards")  # fmt: skip
+    taus = [r["tau"] for r in report["prompts"] if r["tau"] is not None]
+    axes[2].hist(taus, bins=min(20, max(len(taus), 1)), color="tab:orange")
+    axes[2].set(title="tau per turn", xlabel="tau", ylabel="turns")
+    s = report["settings"]
+    fig.suptitle(f"{report['draft'].get('variant')} {s['mode']} depth={s['depth']} "
+                 + (f"top_k={s['top_k']} total={s['total_tokens']} " if s["mode"] == "tree" else "")
+                 + f"T={s['temperature']}  speedup {_fmt(report['speedup'], 'x')}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(v: Any, unit: str = "", digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}{unit}"
+    return f"{v}{unit}"
+
+
+def format_summary(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    pos = " ".join(_fmt(r) for r in report["per_position_acceptance"])
+    mism = report["mismatches"]
+    lines = [
+        f"draft      {report['draft'].get('path')} ({report['draft'].get('variant')})",
+        f"target     {report['target'].get('path')}",
+        f"settings   mode={s['mode']} depth={s['depth']} top_k={s['top_k']} total_tokens={s['total_tokens']} "
+        f"temperature={s['temperature']} max_new_tokens={s['max_new_tokens']}",
+        f"turns      {report['turns']} ({report['new_tokens']} new tokens)",
+        f"tau        {_fmt(report['acceptance_length'])} tokens per target forward, bonus token included "
+        f"({report['decode_tokens']} decode tokens / {report['target_forwards']} verification forwards; "
+        f"prefill not counted)",
+        f"accept     per position: {pos}",
+        f"speed      {_fmt(report['tokens_per_s'], ' tok/s', 1)} speculative vs "
+        f"{_fmt(report['baseline_tokens_per_s'], ' tok/s', 1)} plain -> speedup {_fmt(report['speedup'], 'x')}",
+        "mismatches " + ("n/a (sampling)" if mism is None else f"{mism} turn(s) differ from plain greedy"),
+    ]
+    return "\n".join(lines)
+
+
+COMPARE_ROWS = [
+    ("tau", "acceptance_length"), ("speedup", "speedup"), ("tokens/s", "tokens_per_s"),
+    ("plain tokens/s", "baseline_tokens_per_s"), ("target forwards", "target_forwards"),
+    ("decode tokens", "decode_tokens"), ("mismatches", "mismatches"), ("turns", "turns"),
+]  # fmt: skip
+
+
+def compare_reports(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("A", "B")) -> str:
+    """A side-by-side table of two reports (B - A in the last column where both are numbers)."""
+    rows: list[tuple[str, Any, Any]] = []
+    for key in ("variant", "path"):
+        rows.append((f"draft {key}", a["draft"].get(key), b["draft"].get(key)))
+    for key in ("mode", "depth", "top_k", "total_tokens", "temperature", "max_new_tokens"):
+        rows.append((key, a["settings"].get(key), b["settings"].get(key)))
+    rows += [(label, a.get(key), b.get(key)) for label, key in COMPARE_ROWS]
+    pa, pb = a["per_position_acceptance"], b["per_position_acceptance"]
+    for i in range(max(len(pa), len(pb))):
+        rows.append((f"accept @{i + 1}", pa[i] if i < len(pa) else None, pb[i] if i < len(pb) else None))
+
+    def diff(x: Any, y: Any) -> str:
+        numeric = isinstance(x, int | float) and isinstance(y, int | float) and not isinstance(x, bool)
+        return _fmt(y - x) if numeric else ""
+
+    width = max(len(str(_fmt(v))) for r in rows for v in r[1:]) + 2
+    width = min(max(width, 12), 60)
+    out = [f"{'':<18}{names[0][:width - 1]:<{width}}{names[1][:width - 1]:<{width}}B - A"]
+    for label, x, y in rows:
+        out.append(f"{label:<18}{str(_fmt(x))[-(width - 1):]:<{width}}{str(_fmt(y))[-(width - 1):]:<{width}}{diff(x, y)}")
+    return "\n".join(out)

@@ -1,0 +1,178 @@
+"""The HF target: loading, one forward with an explicit KV cache, cache compaction, stop tokens, and the plain
+(non-speculative) decoding loop that serves as the baseline and the losslessness reference."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# End-of-turn markers of common chat templates; used only when the tokenizer really has them as tokens.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_turn|>", "<end_of_turn>", "<|end|>", "<|eom_id|>")
+
+
+class TargetError(ValueError):
+    """The target model cannot be found or does not fit the draft."""
+
+
+def load_target(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(model in eval mode, tokenizer) of an HF model directory. ``sdpa`` attention: it takes our 4D tree masks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model.to(device).eval(), tokenizer
+
+
+def stop_token_ids(tokenizer: Any = None, generation_config: Any = None, config: Any = None) -> set[int]:
+    """eos ids of the generation config / model config / tokenizer, plus end-of-turn tokens the tokenizer has."""
+    ids: set[int] = set()
+    for source in (generation_config, config, tokenizer):
+        eos = getattr(source, "eos_token_id", None)
+        ids.update([eos] if isinstance(eos, int) else list(eos or []))
+    if tokenizer is not None:
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return ids
+
+
+def new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+_CACHE_KW: dict[type, str] = {}
+
+
+def _cache_kw(model) -> str:
+    # transformers 5.24 renamed `past_key_values` to `cache` (the old name is deprecated, not gone); ask the
+    # signature so both 5.x spellings work without a deprecation warning per forward.
+    cls = type(model)
+    if cls not in _CACHE_KW:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_KW[cls] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KW[cls]
+
+
+def target_forward(model, ids: torch.Tensor, positions: torch.Tensor, cache, mask: torch.Tensor | None = None,
+                   hidden: bool = False, last_only: bool = False) -> tuple[torch.Tensor, tuple | None]:  # fmt: skip
+    """Run ``ids [1, N]`` at ``positions [1, N]`` after the cached prefix; the cache grows by N.
+
+    Returns fp32 logits ``[N, V]`` (``[1, V]`` with ``last_only``) and, with ``hidden``, HF's
+    ``hidden_states`` tuple (index 0: embeddings, index i: input of layer i, last: post-norm). ``mask`` is a
+    4D additive mask over (cached + new) keys; ``None`` lets HF build the causal one.
+    """
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                output_hidden_states=hidden, logits_to_keep=1 if last_only else 0,
+                **{_cache_kw(model): cache})  # fmt: skip
+    return out.logits[0].float(), (out.hidden_states if hidden else None)
+
+
+def cache_length(cache) -> int:
+    return int(cache.get_seq_length())
+
+
+def compact_cache(cache, past: int, rows: list[int]) -> None:
+    """Keep the first ``past`` positions and then the new positions ``past + rows`` (in that order).
+
+    Operates on the layers' key/value tensors: the public ``crop`` only drops a suffix (and changed its
+    argument's meaning within 5.x), a tree needs an arbitrary subset. Only full-attention dynamic layers
+    (their length is the tensor length) can be compacted this way.
+    """
+    contiguous = rows == list(range(len(rows)))
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+            raise TargetError(f"cannot compact a {type(layer).__name__} cache layer (sliding/linear attention)")
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        if not contiguous:
+            idx = torch.tensor(rows, device=layer.keys.device) + past
+            # gather first (a copy), then write into place: no copy of the prefix
+            layer.keys[:, :, past:past + len(rows)] = layer.keys.index_select(2, idx)
+            layer.values[:, :, past:past + len(rows)] = layer.values.index_select(2, idx)
+        layer.keys = layer.keys[:, :, :past + len(rows)]
+        layer.values = layer.values[:, :, :past + len(rows)]
+
+
+def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
+    """Greedy (``temperature == 0``) or sampled token of one row of logits."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def finish(tokens: list[int], max_new_tokens: int, stop_ids: set[int]) -> tuple[list[int], bool]:
+    """Truncate after the first stop token or at ``max_new_tokens``; returns (tokens, done)."""
+    for i, t in enumerate(tokens[:max_new_tokens]):
+        if t in stop_ids:
+            return tokens[: i + 1], True
+    return tokens[:max_new_tokens], len(tokens) >= max_new_tokens
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class Generation:
+    """What one decoding run produced and what it cost.
+
+    ``target_forwards`` counts decoding forwards only (the prefill is ``prefill_forwards``). ``accept_lengths``:
+    tokens kept per decoding forward. ``attempted[d]`` / ``accepted[d]``: verifications that tried / accepted a
+    draft at depth ``d + 1`` (tried = the path reached depth ``d`` and the node there had drafted children).
+    """
+
+    tokens: list[int]
+    wall_s: float
+    target_forwards: int
+    prefill_forwards: int = 1
+    accept_lengths: list[int] = field(default_factory=list)
+    attempted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens emitted by decoding forwards: all but the first, which the prefill forward produced."""
+        return max(len(self.tokens) - 1, 0)
+
+    @property
+    def tau(self) -> float | None:
+        return self.decode_tokens / self.target_forwards if self.target_forwards else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@torch.no_grad()
+def target_generate(model, prompt: torch.Tensor, max_new_tokens: int, stop_ids: set[int], temperature: float = 0.0,
+                    generator: torch.Generator | None = None) -> Generation:  # fmt: skip
+    """Plain decoding with a KV cache: one target forward per token (greedy at ``temperature == 0``)."""
+    device = next(model.parameters()).device
+    prompt = prompt.reshape(1, -1).to(device)
+    sync(device)
+    start = time.perf_counter()
+    cache = new_cache(model)
+    n = prompt.shape[1]
+    logits, _ = target_forward(model, prompt, torch.arange(n, device=device)[None], cache, last_only=True)
+    tokens, done = finish([pick(logits[-1], temperature, generator)], max_new_tokens, stop_ids)
+    forwards = 0
+    while not done:
+        pos = torch.tensor([[n + len(tokens) - 1]], device=device)
+        logits, _ = target_forward(model, torch.tensor([[tokens[-1]]], device=device), pos, cache)
+        forwards += 1
+        tokens, done = finish(tokens + [pick(logits[-1], temperature, generator)], max_new_tokens, stop_ids)
+    sync(device)
+    return Generation(tokens, time.perf_counter() - start, forwards, accept_lengths=[1] * forwards)
+
+
+def read_config(path: str | Path) -> dict:
+    return json.loads((Path(path) / "config.json").read_text())
