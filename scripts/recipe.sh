@@ -7,7 +7,7 @@ OUT=${1:-recipe}
 P=${PIPELINE:-.venv/bin/pipeline}
 $P extract --out "$OUT/feats" --limit 800 --max-length 1024 --shard-size 100
 $P inspect "$OUT/feats"
-$P train --feats "$OUT/feats" --variant eagle1 --out "$OUT/runs/eagle1" --epochs 3 --tokens-per-batch 2048 \
+$P train --feats "$OUT/feats" --variant eagle1 --out "$OUT/runs/eagle1" --epochs 2 --tokens-per-batch 2048 \
   --lr 1e-3 --val-fraction 0.05 --eval-every 100 --save-every 100
 $P train --feats "$OUT/feats" --variant eagle3 --out "$OUT/runs/eagle3" --epochs 1 --tokens-per-batch 2048 \
   --lr 1e-3 --draft-vocab-size 16384 --ttt-steps 5 --val-fraction 0.05 --eval-every 100 --save-every 100

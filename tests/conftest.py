@@ -70,3 +70,19 @@ def smollm2_store(tmp_path_factory, smollm2_dir) -> Path:
     """A small store of real ShareGPT records through the real SmolLM2 (slow tests share it)."""
     return build_store(smollm2_dir, tmp_path_factory.mktemp("stores") / "smollm2", limit=24, max_length=384,
                        shard_size=12)
+
+
+@pytest.fixture(scope="session")
+def smollm2_runs(tmp_path_factory, smollm2_store) -> dict:
+    """EAGLE-1 and EAGLE-3 trained briefly from the one real SmolLM2 store: {variant: (run_dir, summary)}."""
+    from pipeline.train.trainer import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("smollm2-runs")
+    runs = {}
+    for variant in ("eagle1", "eagle3"):
+        run = root / variant
+        summary = train(TrainConfig(feats=str(smollm2_store), out=str(run), variant=variant, max_steps=30,
+                                    tokens_per_batch=1024, lr=2e-3, draft_vocab_size=4096, ttt_steps=3,
+                                    progress=False))  # fmt: skip
+        runs[variant] = (run, summary)
+    return runs

@@ -132,21 +132,17 @@ def test_cli_on_a_tiny_target(tmp_path, tiny_llama_dir):
 # ---- the real SmolLM2 -----------------------------------------------------------------------------------------
 
 
-def train_and_export(store: Path, tmp: Path, variant: str) -> Path:
-    from pipeline.train.trainer import TrainConfig, train
+def export_run(run: Path, tmp: Path, variant: str) -> Path:
     from pipeline.train.variants import load_run
 
-    run = tmp / f"run-{variant}"
-    train(TrainConfig(feats=str(store), out=str(run), variant=variant, max_steps=30, tokens_per_batch=1024, lr=2e-3,
-                      draft_vocab_size=4096, ttt_steps=3, progress=False))  # fmt: skip
     model, _ = load_run(run)
     return export_draft(model, None, tmp / f"export-{variant}", dtype=torch.float32)
 
 
 @pytest.mark.slow
-def test_real_smollm2_end_to_end(smollm2_store, tmp_path):
+def test_real_smollm2_end_to_end(smollm2_runs, tmp_path):
     # one thread (the autouse fixture): on this shared 2-core machine a second thread mostly waits on the first
-    e1 = train_and_export(smollm2_store, tmp_path, "eagle1")
+    e1 = export_run(smollm2_runs["eagle1"][0], tmp_path, "eagle1")
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is the capital of France?"},
                                                  {"prompt": "Write a haiku about the sea."}])  # fmt: skip
     reports = {}
@@ -161,7 +157,7 @@ def test_real_smollm2_end_to_end(smollm2_store, tmp_path):
         reports[mode] = path
         print(f"\nSmolLM2 eagle1 {mode}: tau={rep['acceptance_length']:.3f} speedup={rep['speedup']:.3f} "
               f"accept={rep['per_position_acceptance']} mismatches={rep['mismatches']}")
-    e3 = train_and_export(smollm2_store, tmp_path, "eagle3")
+    e3 = export_run(smollm2_runs["eagle3"][0], tmp_path, "eagle3")
     out = tmp_path / "e3.json"
     res = CliRunner().invoke(eval_command, ["--draft", str(e3), "--bench", "mt-bench", "--limit", "1", "--depth", "4",
                                             "--max-new-tokens", "24", "--report", str(out), "--no-progress"])  # fmt: skip
