@@ -27,9 +27,10 @@ from pipeline.extract.runner import ExtractConfig, length_buckets, run_extract
 from pipeline.store import StoreReader, inspect_store
 
 
-def tokenized_slice(tokenizer, limit: int, max_length: int) -> list[list[int]]:
+def tokenized_slice(tokenizer, limit: int, max_length: int, path: Path | None = None) -> list[list[int]]:
+    """The token ids of the stored samples of records [0, limit) (the same rendering as extraction)."""
     out = []
-    for i, rec in enumerate(data_mod.read_records(sharegpt_path())):
+    for i, rec in enumerate(data_mod.read_records(path or sharegpt_path())):
         if i >= limit:
             break
         if isinstance(rec, data_mod.Record):
@@ -43,7 +44,10 @@ def tokenized_slice(tokenizer, limit: int, max_length: int) -> list[list[int]]:
 
 
 def bare_forward(backend: HFBackend, samples: list[list[int]], batch_tokens: int) -> float:
-    model = backend.model
+    """Seconds for the forwards alone, with extraction's batches (output_hidden_states, nothing kept)."""
+    model, device = backend.model, backend.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t = time.perf_counter()
     with torch.inference_mode():
         for batch in length_buckets([len(s) for s in samples], batch_tokens):
@@ -53,7 +57,9 @@ def bare_forward(backend: HFBackend, samples: list[list[int]], batch_tokens: int
             for r, i in enumerate(batch):
                 ids[r, : len(samples[i])] = torch.tensor(samples[i])
                 mask[r, : len(samples[i])] = 1
-            model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True,
+                  use_cache=False)  # fmt: skip
+    sync()
     return time.perf_counter() - t
 
 

@@ -47,42 +47,14 @@ def make_target(out: Path, shape: str) -> Path:
 
 
 def bare_forward_tok_s(model_dir: Path, data: Path, records: int, max_length: int, batch_tokens: int) -> float:
-    from pipeline import data as data_mod
+    from extract import bare_forward, tokenized_slice  # bench/extract.py
+
     from pipeline.extract.hf_backend import HFBackend
-    from pipeline.extract.runner import length_buckets
 
     backend = HFBackend(model_dir, device="cuda")
-    samples = []
-    for i, rec in enumerate(data_mod.read_records(data)):
-        if i >= records:
-            break
-        if isinstance(rec, data_mod.Record):
-            try:
-                tok = data_mod.tokenize_chat(backend.tokenizer, rec.messages, max_length)
-            except data_mod.RenderError:
-                continue
-            if sum(tok.loss_mask):
-                samples.append(tok.input_ids)
-    tokens = sum(len(s) for s in samples)
-
-    def run() -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.inference_mode():
-            for batch in length_buckets([len(s) for s in samples], batch_tokens):
-                width = max(len(samples[i]) for i in batch)
-                ids = torch.full((len(batch), width), backend.pad_id)
-                mask = torch.zeros_like(ids)
-                for r, i in enumerate(batch):
-                    ids[r, : len(samples[i])] = torch.tensor(samples[i])
-                    mask[r, : len(samples[i])] = 1
-                backend.model(input_ids=ids.cuda(), attention_mask=mask.cuda(), output_hidden_states=True,
-                              use_cache=False)  # fmt: skip
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    run()  # warm-up
-    return tokens / run()
+    samples = tokenized_slice(backend.tokenizer, records, max_length, data)
+    bare_forward(backend, samples, batch_tokens)  # warm-up
+    return sum(len(s) for s in samples) / bare_forward(backend, samples, batch_tokens)
 
 
 def cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:

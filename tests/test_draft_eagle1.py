@@ -9,16 +9,9 @@ from pipeline.draft.eagle1 import Eagle1Config, Eagle1Draft, Eagle1Objective, tr
 from pipeline.draft.layers import KVCache, causal_mask, doc_causal_mask
 from pipeline.draft.synthetic import make_batch, target_weights, tiny_target, tiny_target_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V, H = 1000, 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: threads only add contention (several test processes share 2 cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

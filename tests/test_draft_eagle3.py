@@ -20,15 +20,9 @@ from pipeline.draft.eagle3 import (
 from pipeline.draft.layers import KVCache, causal_mask, ttt_attention_mask
 from pipeline.draft.synthetic import make_batch, target_weights, tiny_target, tiny_target_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V, H, AUX, VD = 1000, 64, [1, 2, 3], 400
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +315,30 @@ def test_overfits_and_chain_acceptance(target, packed):
     # Random data tokens rarely equal the target's argmax: a greedy trajectory rarely survives step 0.
     greedy = chain_acceptance(model, packed, steps=3)
     assert greedy["eligible"][0] == 128 and greedy["eligible"][1] < acc["eligible"][1]
+
+
+@pytest.mark.parametrize("variant", ["eagle1", "eagle3"])
+def test_activation_checkpointing_gives_the_same_gradients(target, packed, variant):
+    from pipeline.draft import eagle1
+
+    tc, tm = target
+    if variant == "eagle1":
+        model = eagle1.Eagle1Draft(eagle1.Eagle1Config.from_target(tc))
+        model.load_target_weights(target_weights(tm))
+        loss_fn, obj = eagle1.training_loss, eagle1.Eagle1Objective(noise="none")
+    else:
+        model = Eagle3Draft(Eagle3Config.from_target(tc, AUX, VD))
+        d2t, t2d, _ = build_draft_vocab(np.bincount(packed["input_ids"].flatten().numpy(), minlength=V), VD)
+        model.set_vocab(d2t, t2d)
+        model.load_target_weights(target_weights(tm))
+        loss_fn, obj = training_loss, Eagle3Objective(ttt_steps=3)
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = checkpointing
+        loss, _ = loss_fn(model.train(), packed, obj)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)

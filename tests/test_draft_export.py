@@ -22,19 +22,13 @@ from pipeline.draft.layers import causal_mask
 from pipeline.draft.synthetic import make_batch, target_weights, tiny_target, tiny_target_config
 from pipeline.store import config_sha256
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V, H, AUX, VD = 1000, 64, [1, 2, 3], 300
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 128}  # fmt: skip
 STACKED = ((".q_proj", ".qkv_proj"), (".k_proj", ".qkv_proj"), (".v_proj", ".qkv_proj"),
            (".gate_proj", ".gate_up_proj"), (".up_proj", ".gate_up_proj"))  # fmt: skip
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

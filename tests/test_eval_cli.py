@@ -17,17 +17,11 @@ from pipeline.evaluate.report import build_report, compare_reports, write_report
 from pipeline.evaluate.runner import resolve_target_path
 from pipeline.evaluate.target import TargetError, stop_token_ids
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 REPORT_KEYS = {"acceptance_length", "per_position_acceptance", "mismatches", "target_forwards", "tokens_per_s",
                "baseline_tokens_per_s", "speedup", "settings", "draft", "target", "prompts",
                "acceptance_length_convention"}  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:

@@ -12,18 +12,12 @@ from pipeline.evaluate.drafter import Drafter, DraftSettings
 from pipeline.evaluate.synthetic import fit_draft, greedy_continuations, tiny_draft
 from pipeline.evaluate.target import target_generate
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V = 500
 AUX = (2, 4, 5)
 MODES = {"chain": DraftSettings(mode="chain", depth=4),
          "tree": DraftSettings(mode="tree", depth=4, top_k=4, total_tokens=12)}  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

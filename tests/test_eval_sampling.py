@@ -13,16 +13,10 @@ from pipeline.evaluate.sampling import accept
 from pipeline.evaluate.synthetic import tiny_draft
 from pipeline.evaluate.tree import Tree
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V = 16
 Z_1E3 = 3.09  # one-sided normal quantile of 1e-3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def chi2_ok(counts: torch.Tensor, probs: torch.Tensor) -> tuple[bool, float, float]:

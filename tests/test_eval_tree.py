@@ -14,20 +14,13 @@ from pipeline.evaluate.synthetic import tiny_draft
 from pipeline.evaluate.target import cache_length, compact_cache, new_cache, target_forward
 from pipeline.evaluate.tree import Tree, tree_mask, tree_positions
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V = 300
 
 # root -> a(0), b(1); a -> c(2); c -> d(3); b -> e(4)
 PARENTS = [-1, -1, 0, 2, 1]
 DEPTHS = [1, 1, 2, 3, 2]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models are op-overhead bound: a second (often busy) core only adds contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,49 @@ weight ``loss_mask[t+2+i]``). Shifts never cross documents: a row whose shifted 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
-from pipeline.draft.layers import KVBlock, doc_causal_mask, same_doc_ahead, shift_left, ttt_attention_mask
+from pipeline.draft.layers import (
+    KVBlock,
+    doc_causal_mask,
+    rope_parameters,
+    same_doc_ahead,
+    shift_left,
+    ttt_attention_mask,
+)
+
+
+def run_layer(module: nn.Module, layer: nn.Module, *args):
+    """``layer(*args)``, recomputed in backward instead of stored when ``module.gradient_checkpointing`` is on
+    (``--activation-checkpointing``: trades compute for the activations of long packed rows and TTT steps)."""
+    if getattr(module, "gradient_checkpointing", False) and module.training and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
+class DraftConfigMixin:
+    """Serialisation and rope lookup shared by the draft config dataclasses."""
+
+    target_config: dict
+
+    @property
+    def rope_parameters(self) -> dict:
+        return rope_parameters(self.target_config)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def target_fields(target_config: dict) -> dict[str, Any]:
@@ -101,15 +138,16 @@ def unroll_chain(layer: Callable, h0: torch.Tensor, batch: dict[str, torch.Tenso
     for i in range(steps):
         tokens = shifted_rows(batch, i)["tokens"]
 
-        def attend_to(k, v, i=i):
+        # `earlier` is a snapshot: activation checkpointing calls attend_to again during backward
+        def attend_to(k, v, i=i, earlier=tuple(keys)):
             if dense:
-                ks = torch.cat([kk for kk, _ in keys] + [k], dim=2)
-                vs = torch.cat([vv for _, vv in keys] + [v], dim=2)
+                ks = torch.cat([kk for kk, _ in earlier] + [k], dim=2)
+                vs = torch.cat([vv for _, vv in earlier] + [v], dim=2)
                 return [KVBlock(ks, vs, ttt_attention_mask(doc, i))]
             if i == 0:
                 return [KVBlock(k, v, m0)]
-            k0, v0 = keys[0]
-            diag = [KVBlock(kj, vj, own, diagonal=True) for kj, vj in keys[1:]]
+            k0, v0 = earlier[0]
+            diag = [KVBlock(kj, vj, own, diagonal=True) for kj, vj in earlier[1:]]
             return [KVBlock(k0, v0, m0), *diag, KVBlock(k, v, own, diagonal=True)]
 
         out, k, v = layer(h, tokens, pos + i, attend_to)

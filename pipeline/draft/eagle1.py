@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.draft.common import (
+    DraftConfigMixin,
     check_overrides,
     greedy_chain_acceptance,
     masked_mean,
+    run_layer,
     shifted_rows,
     soft_ce_sparse,
     target_fields,
@@ -37,14 +39,13 @@ from pipeline.draft.layers import (
     causal_mask,
     doc_causal_mask,
     gaussian_noise,
-    rope_parameters,
     shift_left,
     uniform_noise,
 )
 
 
 @dataclass
-class Eagle1Config:
+class Eagle1Config(DraftConfigMixin):
     hidden_size: int
     intermediate_size: int
     num_attention_heads: int
@@ -68,17 +69,6 @@ class Eagle1Config:
         check_overrides({f.name for f in dataclasses.fields(cls)}, overrides, ("hidden_size", "vocab_size"))
         return cls(**{**target_fields(target_config), "target_config": dict(target_config), **overrides})
 
-    @property
-    def rope_parameters(self) -> dict:
-        return rope_parameters(self.target_config)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Eagle1Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class Eagle1Draft(nn.Module):
@@ -93,6 +83,7 @@ class Eagle1Draft(nn.Module):
             c.rms_norm_eps, c.hidden_act, eagle3=False, input_layernorm=False,
             attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)])  # fmt: skip
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.gradient_checkpointing = False
         self.rotary = RotaryEmbedding(c.target_config, c.head_dim)
         for p in (self.embed_tokens.weight, self.lm_head.weight):
             p.requires_grad_(False)
@@ -122,7 +113,7 @@ class Eagle1Draft(nn.Module):
         hidden = hidden.to(self.fc.weight.dtype)  # fp32 features (noise, stored dtypes) into a bf16 engine
         x = self.fc(torch.cat([self.embed_tokens(input_ids).to(hidden.dtype), hidden], dim=-1))
         cos, sin = self.rotary(position_ids)
-        return self.layers[0](x, cos, sin, attend_to)
+        return run_layer(self, self.layers[0], x, cos, sin, attend_to)
 
     def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
                 mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:  # fmt: skip

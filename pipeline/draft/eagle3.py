@@ -36,10 +36,12 @@ import torch
 from torch import nn
 
 from pipeline.draft.common import (
+    DraftConfigMixin,
     acceptance_length,
     check_overrides,
     greedy_chain_acceptance,
     masked_mean,
+    run_layer,
     shifted_rows,
     soft_ce_sparse,
     target_fields,
@@ -53,13 +55,12 @@ from pipeline.draft.layers import (
     RotaryEmbedding,
     cache_attend_to,
     causal_mask,
-    rope_parameters,
     shift_left,
 )
 
 
 @dataclass
-class Eagle3Config:
+class Eagle3Config(DraftConfigMixin):
     hidden_size: int
     intermediate_size: int
     num_attention_heads: int
@@ -103,17 +104,6 @@ class Eagle3Config:
         overrides.setdefault("target_name", fp["model"].get("path") or fp["model"].get("name"))
         return cls.from_target(reader.target_config(), fp["layers"]["aux"], draft_vocab_size, **overrides)
 
-    @property
-    def rope_parameters(self) -> dict:
-        return rope_parameters(self.target_config)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Eagle3Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ---- draft vocabulary ------------------------------------------------------------------------------------------
@@ -168,6 +158,7 @@ class Eagle3Draft(nn.Module):
             c.rms_norm_eps, c.hidden_act, eagle3=True, attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.draft_vocab_size, bias=False)
+        self.gradient_checkpointing = False
         self.rotary = RotaryEmbedding(c.target_config, c.head_dim)
         # Identity mapping until set_vocab: a full-size draft vocabulary.
         self.register_buffer("d2t", torch.zeros(c.draft_vocab_size, dtype=torch.int64))
@@ -230,7 +221,7 @@ class Eagle3Draft(nn.Module):
     def _layer(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor, attend_to):
         cos, sin = self.rotary(position_ids)
         emb = self.embed_tokens(input_ids).to(hidden.dtype)
-        return self.midlayer(hidden, cos, sin, attend_to, emb)
+        return run_layer(self, self.midlayer, hidden, cos, sin, attend_to, emb)
 
     def step(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
              cache: KVCache | None, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip

@@ -154,8 +154,7 @@ def train(cfg: TrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     model, objective, build_info = variants.build(cfg, reader)
-    if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing"):
-        model.gradient_checkpointing = True
+    model.gradient_checkpointing = cfg.activation_checkpointing
     engine = Engine(model, cfg.engine_config(total_steps), device)
 
     record = {"train": asdict(cfg), "store": str(Path(cfg.feats).resolve()), "store_fingerprint_digest": reader.digest,
