@@ -12,10 +12,10 @@ NEW_TOKENS=${3:-128}
 P=${PIPELINE:-.venv/bin/pipeline}
 $P extract --out "$OUT/feats" --limit 800 --max-length 1024 --shard-size 100
 $P inspect "$OUT/feats"
-$P train --feats "$OUT/feats" --variant eagle1 --out "$OUT/runs/eagle1" --max-steps 200 --tokens-per-batch 2048 \
-  --lr 1e-3 --val-fraction 0.05 --eval-every 50 --save-every 50
-$P train --feats "$OUT/feats" --variant eagle3 --out "$OUT/runs/eagle3" --max-steps 80 --tokens-per-batch 2048 \
-  --lr 1e-3 --draft-vocab-size 8192 --ttt-steps 4 --val-fraction 0.05 --eval-every 40 --save-every 40
+$P train --feats "$OUT/feats" --variant eagle1 --out "$OUT/runs/eagle1" --max-steps 160 --tokens-per-batch 2048 \
+  --lr 1e-3 --val-fraction 0.05 --eval-every 40 --save-every 40
+$P train --feats "$OUT/feats" --variant eagle3 --out "$OUT/runs/eagle3" --max-steps 64 --tokens-per-batch 2048 \
+  --lr 1e-3 --draft-vocab-size 8192 --ttt-steps 4 --val-fraction 0.05 --eval-every 32 --save-every 32
 for head in eagle1 eagle3; do
   [ -d "$OUT/heads/$head" ] || $P export "$OUT/runs/$head" --weights best --out "$OUT/heads/$head"
 done
