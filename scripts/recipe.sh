@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The longer recipe: more data, longer runs and a larger MT-bench slice than `pipeline demo` (≈2.5 h on the
+# The longer recipe: more data, longer runs and a larger MT-bench slice than `pipeline demo` (≈2¼ h on the
 # 2-core CPU, 75 min of it extraction; its measured numbers are in README.md). One extraction is reused by both
 # heads; the held-out simulated τ picks the exported checkpoint of each run.
-#   scripts/recipe.sh [OUT_DIR] [MT_BENCH_QUESTIONS] [NEW_TOKENS]      (default: recipe/ 3 128)
+#   scripts/recipe.sh [OUT_DIR] [MT_BENCH_QUESTIONS] [NEW_TOKENS]      (default: recipe/ 2 96)
 # All 80 questions with 256 new tokens: scripts/recipe.sh recipe 80 256 (≈4 h per head and mode on this CPU,
 # minutes on a GPU with --device cuda).
 set -euo pipefail
 OUT=${1:-recipe}
-QUESTIONS=${2:-3}
-NEW_TOKENS=${3:-128}
+QUESTIONS=${2:-2}
+NEW_TOKENS=${3:-96}
 P=${PIPELINE:-.venv/bin/pipeline}
 $P extract --out "$OUT/feats" --limit 800 --max-length 1024 --shard-size 100
 $P inspect "$OUT/feats"
