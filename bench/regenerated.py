@@ -48,7 +48,6 @@ def heldout_tau(run: Path, cfg: TrainConfig, feats: Path) -> tuple[float, float]
 
 
 def main() -> None:
-    from pipeline.draft.export import export_draft
     from pipeline.evaluate.cli import evaluate
     from pipeline.extract.runner import ExtractConfig, run_extract
     from pipeline.regenerate import RegenerateConfig, run_regenerate
@@ -108,8 +107,7 @@ def main() -> None:
         if args.questions:
             export = work / f"export-{source}"
             if not (export / "config.json").exists():
-                model, _ = variants.load_run(Path(cfg.out))
-                export_draft(model, model.config, export, "vllm", {"run_dir": str(Path(cfg.out).resolve())})
+                variants.export_run(cfg.out, export)
             report, _, _ = evaluate(export, limit=args.questions, mode="chain", depth=4,
                                     max_new_tokens=args.eval_new_tokens, report_path=work / f"eval-{source}.json",
                                     progress=False)  # fmt: skip

@@ -256,23 +256,15 @@ def export(run_dir: Path, fmt: str, out: Path, weights: str, dtype: str) -> None
     """Write a trained draft in the layout vLLM / SGLang (or speculators) load."""
     import torch
 
-    from pipeline.draft.export import export_draft
-    from pipeline.train.variants import load_run
+    from pipeline.train.variants import export_run
 
     if out.exists() and any(out.iterdir()):
         _fail(f"--out {out} exists and is not empty; exports never overwrite")
-    try:
-        model, record = load_run(run_dir, weights)
-    except FileNotFoundError as e:
-        _fail(str(e))
-    if fmt == "speculators" and record["variant"] != "eagle3":
-        _fail("--format speculators is for EAGLE-3 heads; use --format vllm for EAGLE-1")
-    train_cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-    extra = {"run_dir": str(run_dir.resolve()), "weights": weights,
-             "store_fingerprint_digest": train_cfg.get("store_fingerprint_digest"),
-             "code_version": record.get("code_version")}  # fmt: skip
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    path = export_draft(model, model.config, out, fmt, extra, dtype=torch_dtype)
+    try:
+        path, record = export_run(run_dir, out, fmt, weights, torch_dtype)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
     click.echo(f"exported {record['variant']} ({weights} weights of {run_dir}) as {fmt} to {path}")
 
 

@@ -38,11 +38,10 @@ def _stage(name: str) -> float:
 
 
 def run_demo(cfg: DemoConfig) -> list[dict]:
-    from pipeline.draft.export import export_draft
     from pipeline.evaluate.cli import evaluate
     from pipeline.extract.runner import ExtractConfig, run_extract
     from pipeline.train.trainer import TrainConfig, train
-    from pipeline.train.variants import load_run
+    from pipeline.train.variants import export_run
 
     out = cfg.out
     t = _stage(f"extract: SmolLM2-135M-Instruct over ShareGPT records [0, {cfg.records}), max {cfg.max_length} tokens")
@@ -69,8 +68,7 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
                    f"{last['acc']:.3f}, held-out simulated τ {_num(summary['best_val_tau'])}, {time.time() - t:.0f} s")
         export = out / "exports" / variant
         if not (export / "config.json").exists():
-            model, _ = load_run(run)
-            export_draft(model, model.config, export, "vllm", {"run_dir": str(run.resolve())})
+            export_run(run, export)
         for mode in cfg.modes:
             t = _stage(f"eval {variant} ({mode}): MT-bench questions 1-{cfg.questions}, both turns, "
                        f"{cfg.max_new_tokens} new tokens, vs plain greedy")  # fmt: skip

@@ -74,6 +74,24 @@ def load_run(run_dir, which: str = "final") -> tuple[torch.nn.Module, dict]:
     return model.eval(), record
 
 
+def export_run(run_dir, out, fmt: str = "vllm", which: str = "final", dtype: torch.dtype | None = None):
+    """Export a run's ``final``/``best`` weights with their provenance; returns (export path, draft.json record)."""
+    import json
+    from pathlib import Path
+
+    from pipeline.draft.export import export_draft
+
+    run_dir = Path(run_dir)
+    model, record = load_run(run_dir, which)
+    if fmt == "speculators" and record["variant"] != "eagle3":
+        raise ValueError("--format speculators is for EAGLE-3 heads; use --format vllm for EAGLE-1")
+    train_cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    extra = {"run_dir": str(run_dir.resolve()), "weights": which,
+             "store_fingerprint_digest": train_cfg.get("store_fingerprint_digest"),
+             "code_version": record.get("code_version")}  # fmt: skip
+    return export_draft(model, model.config, out, fmt, extra, dtype=dtype), record
+
+
 def loss(cfg, model, batch: dict[str, torch.Tensor], objective) -> tuple[torch.Tensor, dict[str, float]]:
     mod = eagle1 if cfg.variant == "eagle1" else eagle3
     return mod.training_loss(model, batch, objective)
