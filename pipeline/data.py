@@ -258,6 +258,8 @@ def _jsonl_lines(read, buf: bytes, pos: int, report: StreamReport) -> Iterator[t
         raw, offset, pos = buf[pos:end], base + pos, end + 1
         body = raw.lstrip()
         if not body.strip():
+            if last:  # a blank last line without a newline: the end (continuing would loop forever)
+                return
             continue
         if last and body[0] in b'{["' and _scan(body, 0, 0)[0] is None:
             # A final line without newline whose object/string never closes: the file was cut off.
@@ -303,6 +305,17 @@ def _type(value: Any) -> str:
 
 _JSON_TYPES = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
                type(None): "null"}  # fmt: skip
+
+
+def _text_field(turn: dict, where: str, names: tuple[str, str]) -> tuple[str, str, None] | tuple[None, None, str]:
+    """(key, string value, None) of the first of ``names`` that ``turn`` has, or (None, None, why not)."""
+    key = next((k for k in names if k in turn), None)
+    if key is None:
+        return None, None, f"{where} has no {names[0]!r} or {names[1]!r} field"
+    value = turn[key]
+    if not isinstance(value, str):
+        return None, None, f"{where}.{key} is a {_type(value)}, not a string"
+    return key, value, None
 
 
 def _record_id(obj: Any, default: str) -> str:
@@ -387,21 +400,15 @@ def _chat_record(obj: dict, where: str, index: int, record_id: str) -> Record | 
         field = f"{key}[{j}]"
         if not isinstance(turn, dict):
             return skip("missing_field", f"{field} is a {_type(turn)}, not an object")
-        role_key = "from" if "from" in turn else "role" if "role" in turn else None
-        if role_key is None:
-            return skip("missing_field", f"{field} has no 'from' or 'role' field")
-        role = turn[role_key]
-        if not isinstance(role, str):
-            return skip("missing_field", f"{field}.{role_key} is a {_type(role)}, not a string")
+        role_key, role, fault = _text_field(turn, field, ("from", "role"))
+        if fault:
+            return skip("missing_field", fault)
         norm = ROLE_MAP.get(role.strip().lower())
         if norm is None:
             return skip("unknown_role", f"{field}.{role_key} = {_clean(role)!r} is not a known role")
-        content_key = "value" if "value" in turn else "content" if "content" in turn else None
-        if content_key is None:
-            return skip("missing_field", f"{field} has no 'value' or 'content' field")
-        content = turn[content_key]
-        if not isinstance(content, str):
-            return skip("missing_field", f"{field}.{content_key} is a {_type(content)}, not a string")
+        content_key, content, fault = _text_field(turn, field, ("value", "content"))
+        if fault:
+            return skip("missing_field", fault)
         if _has_lone_surrogate(content):
             return skip("invalid_utf8", f"{field}.{content_key} holds a lone surrogate escape (not encodable text)")
         messages.append({"role": norm, "content": content})

@@ -33,6 +33,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import click
@@ -64,6 +65,7 @@ class RegenerateConfig:
     max_length: int = 4096
     batch_size: int = 8
     device: str = "auto"
+    dtype: str = "auto"  # compute dtype: auto (fp32 on a CPU, vLLM's CPU build included), float32, bfloat16, float16
     progress: bool = True
     backend_options: dict = field(default_factory=dict)
 
@@ -84,16 +86,15 @@ class Generator(Protocol):
 
 
 def stop_token_ids(model_dir: Path, tokenizer) -> list[int]:
-    """The generation config's eos ids plus the tokenizer's eos (chat models end a turn with either)."""
-    ids: set[int] = set()
-    gen_path = model_dir / "generation_config.json"
-    cfg_path = model_dir / "config.json"
-    for path in (gen_path, cfg_path):
-        if path.exists():
-            eos = json.loads(path.read_text()).get("eos_token_id")
-            ids.update([eos] if isinstance(eos, int) else eos or [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
+    """The tokens that end a generated turn: the evaluator's rule (:func:`pipeline.evaluate.target.stop_token_ids`:
+    eos ids of generation_config.json, config.json and the tokenizer, plus the end-of-turn tokens the tokenizer
+    has), so a regenerated answer ends where an evaluated one does, also for models whose configured eos is not
+    the chat template's end-of-turn token."""
+    from pipeline.evaluate.target import stop_token_ids as turn_stop_ids
+
+    configs = [SimpleNamespace(eos_token_id=json.loads(p.read_text()).get("eos_token_id")) if p.exists() else None
+               for p in (model_dir / "generation_config.json", model_dir / "config.json")]  # fmt: skip
+    ids = turn_stop_ids(tokenizer, *configs)
     if not ids:
         raise RegenerateError(f"{model_dir}: no eos token id in generation_config.json, config.json or the tokenizer")
     return sorted(ids)
@@ -115,12 +116,11 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.extract.hf_backend import pick_device
+        from pipeline.compute import compute_dtype_name, pick_device
 
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)
-        if compute_dtype == "auto":  # as HFBackend: bf16 on GPUs, fp32 on CPUs (bf16 matmuls crawl there)
-            compute_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        compute_dtype = compute_dtype_name(compute_dtype, self.device)
         self.dtype_name = compute_dtype
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=getattr(torch, compute_dtype))
@@ -153,25 +153,31 @@ class HFGenerator:
 
 
 class VLLMGenerator:
-    """vLLM ``LLM.generate`` over token-id prompts, a seed per request (needs vllm and a GPU)."""
+    """vLLM ``LLM.generate`` over token-id prompts, a seed per request (vLLM's GPU build or its CPU build)."""
 
     name = "vllm"
 
     def __init__(self, model_dir: str | os.PathLike, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, max_num_seqs: int = 256, dtype: str = "auto",
-                 max_model_len: int | None = None, seed: int = 0, **engine_kwargs):  # fmt: skip
+                 max_model_len: int | None = None, seed: int = 0, enforce_eager: bool | None = None,
+                 **engine_kwargs):  # fmt: skip
+        """``dtype``: ``auto`` is fp32 on vLLM's CPU build (as the HF backend computes on a CPU), else vLLM's rule;
+        ``enforce_eager`` (no torch.compile / CUDA graphs) defaults to eager on the CPU build only."""
         from transformers import AutoTokenizer
 
-        from pipeline.extract.vllm_backend import check_vllm
+        from pipeline.extract.vllm_backend import check_vllm, resolve_dtype, vllm_on_cpu
 
         check_vllm()  # a clear message with the install hint instead of an ImportError
         from vllm import LLM, SamplingParams
         self.model_dir = Path(model_dir)
+        on_cpu = vllm_on_cpu()
+        dtype = resolve_dtype(dtype, json.loads((self.model_dir / "config.json").read_text()), on_cpu)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.stops = stop_token_ids(self.model_dir, self.tokenizer)
         kwargs = {"model": str(self.model_dir), "tensor_parallel_size": tensor_parallel_size,
                   "gpu_memory_utilization": gpu_memory_utilization, "max_num_seqs": max_num_seqs, "dtype": dtype,
-                  "seed": seed, **engine_kwargs}  # fmt: skip
+                  "seed": seed, "enforce_eager": on_cpu if enforce_eager is None else enforce_eager,
+                  **engine_kwargs}  # fmt: skip
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         # Prefix caching stays on (vLLM's default): turn j+1's prompt extends turn j's.
@@ -191,9 +197,9 @@ class VLLMGenerator:
 
 def make_generator(cfg: RegenerateConfig, model_dir: Path) -> Generator:
     if cfg.backend == "hf":
-        return HFGenerator(model_dir, device=cfg.device)
+        return HFGenerator(model_dir, device=cfg.device, compute_dtype=cfg.dtype)
     if cfg.backend == "vllm":
-        options = {"max_model_len": cfg.max_length, "seed": cfg.seed, **cfg.backend_options}
+        options = {"max_model_len": cfg.max_length, "seed": cfg.seed, "dtype": cfg.dtype, **cfg.backend_options}
         return VLLMGenerator(model_dir, **options)
     raise RegenerateError(f"--backend {cfg.backend!r}: choose hf or vllm")
 
@@ -447,6 +453,10 @@ def format_summary(s: dict) -> str:
 @click.option("--batch-size", type=int, default=None,
               help="Conversations generated in lockstep (default 8 with hf, 256 with vllm).")  # fmt: skip
 @click.option("--device", default="auto", show_default=True, help="HF backend device.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Compute dtype (auto: fp32 on a CPU, vLLM's CPU build included; bf16 on a GPU).")  # fmt: skip
+@click.option("--enforce-eager/--no-enforce-eager", default=None,
+              help="vLLM backend: no torch.compile / CUDA graphs (default: eager on vLLM's CPU build only).")
 @click.option("--tensor-parallel-size", type=int, default=1, show_default=True, help="vLLM backend only.")
 @click.option("--gpu-memory-utilization", type=float, default=0.85, show_default=True, help="vLLM backend only.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
@@ -456,13 +466,14 @@ def regenerate_command(**kw) -> None:
     options = {}
     if kw["backend"] == "vllm":
         options = {"tensor_parallel_size": kw["tensor_parallel_size"],
-                   "gpu_memory_utilization": kw["gpu_memory_utilization"]}  # fmt: skip
+                   "gpu_memory_utilization": kw["gpu_memory_utilization"], "enforce_eager": kw["enforce_eager"]}  # fmt: skip
     if kw["batch_size"] is None:  # vLLM schedules a large batch itself; HF pads each batch to its longest prompt
         kw["batch_size"] = 256 if kw["backend"] == "vllm" else 8
     cfg = RegenerateConfig(out=kw["out"], model=kw["model"], data=kw["data"], offset=kw["offset"], limit=kw["limit"],
                            max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
                            backend=kw["backend"], seed=kw["seed"], max_length=kw["max_length"],
                            batch_size=kw["batch_size"], device=kw["device"], progress=not kw["no_progress"],
+                           dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(kw["dtype"], "auto"),
                            backend_options=options)  # fmt: skip
     try:
         summary = run_regenerate(cfg)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,46 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# How this run got SmolLM2 (CI starts from an empty PIPELINE_CACHE, so there it is converted from the GGUF).
+SMOLLM2_RUN: dict = {}
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from pipeline.assets import smollm2_dir
+    from pipeline import assets
 
-    return smollm2_dir()
+    converted = assets.smollm2_cached() is None
+    start = time.perf_counter()
+    path = assets.smollm2_dir()
+    SMOLLM2_RUN.update(path=path, converted=converted, seconds=time.perf_counter() - start)
+    return path
+
+
+# Lines the live-engine tests want in the closing summary (measured differences, counters, engine start-ups).
+LIVE_REPORT: list[str] = []
+
+
+def require_optional(module: str, env: str):
+    """An optional package for some tests: skipped where it is not installed, unless ``env`` is 1 (CI sets it after
+    installing the package), where a missing or broken install fails the test instead."""
+    if os.environ.get(env) == "1":
+        import importlib
+
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module} is not installed")
+
+
+def require_vllm():
+    """``vllm`` for the live-engine tests (PIPELINE_REQUIRE_VLLM=1: required)."""
+    return require_optional("vllm", "PIPELINE_REQUIRE_VLLM")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for line in LIVE_REPORT:
+        terminalreporter.write_line(line)
+    if SMOLLM2_RUN:
+        how = "converted from the GGUF wheel into an empty cache" if SMOLLM2_RUN["converted"] else "reused"
+        terminalreporter.write_line(f"SmolLM2: {how}: {SMOLLM2_RUN['path']} ({SMOLLM2_RUN['seconds']:.0f} s)")
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from synthetic_target import make_batch, target_weights, tiny_target, tiny_target_config
 
 from pipeline.draft.eagle1 import Eagle1Config, Eagle1Draft, Eagle1Objective, training_loss
 from pipeline.draft.layers import KVCache, causal_mask, doc_causal_mask
-from pipeline.draft.synthetic import make_batch, target_weights, tiny_target, tiny_target_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

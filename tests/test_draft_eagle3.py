@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from synthetic_target import make_batch, target_weights, tiny_target, tiny_target_config
 
 from pipeline.draft.eagle3 import (
     Eagle3Config,
@@ -18,7 +19,6 @@ from pipeline.draft.eagle3 import (
     training_loss,
 )
 from pipeline.draft.layers import KVCache, causal_mask, ttt_attention_mask
-from pipeline.draft.synthetic import make_batch, target_weights, tiny_target, tiny_target_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -318,7 +318,11 @@ def test_overfits_and_chain_acceptance(target, packed):
 
 
 @pytest.mark.parametrize("variant", ["eagle1", "eagle3"])
-def test_activation_checkpointing_gives_the_same_gradients(target, packed, variant):
+def test_activation_checkpointing_and_chunked_attention_give_the_same_gradients(target, packed, variant,
+                                                                                monkeypatch):  # fmt: skip
+    """Activation checkpointing, and attention cut into 16-row query chunks (each recomputed in backward, as long
+    rows are on a GPU), change no loss and no gradient."""
+    import pipeline.draft.layers as layers
     from pipeline.draft import eagle1
 
     tc, tm = target
@@ -332,13 +336,20 @@ def test_activation_checkpointing_gives_the_same_gradients(target, packed, varia
         model.set_vocab(d2t, t2d)
         model.load_target_weights(target_weights(tm))
         loss_fn, obj = training_loss, Eagle3Objective(ttt_steps=3)
-    grads = []
-    for checkpointing in (False, True):
+    grads, losses = [], []
+    heads, width = tc["num_attention_heads"], packed["input_ids"].shape[1]
+    for checkpointing, chunk_rows in ((False, None), (True, None), (False, 16), (True, 16)):
+        if chunk_rows:  # bytes for 16 query rows of the widest step (step-0 keys + 2 diagonals)
+            monkeypatch.setenv("PIPELINE_ATTENTION", "chunked")
+            monkeypatch.setattr(layers, "CHUNK_SCORE_BYTES", 3 * 4 * 2 * heads * chunk_rows * (width + 2))
         model.zero_grad()
         model.gradient_checkpointing = checkpointing
         loss, _ = loss_fn(model.train(), packed, obj)
         loss.backward()
+        losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys() and grads[0]
-    for n in grads[0]:
-        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+    assert grads[0] and all(g.keys() == grads[0].keys() for g in grads)
+    for g, loss in zip(grads[1:], losses[1:], strict=True):
+        assert loss == pytest.approx(losses[0], rel=1e-6)
+        for n in grads[0]:
+            torch.testing.assert_close(g[n], grads[0][n], atol=1e-6, rtol=1e-5)

@@ -13,13 +13,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import require_optional
 from safetensors import safe_open
+from safetensors.torch import load_file
+from synthetic_target import make_batch, target_weights, tiny_target, tiny_target_config
 
 from pipeline.draft.eagle1 import Eagle1Config, Eagle1Draft
 from pipeline.draft.eagle3 import Eagle3Config, Eagle3Draft, build_draft_vocab
 from pipeline.draft.export import SIDECAR_FILE, export_draft, load_export
 from pipeline.draft.layers import causal_mask
-from pipeline.draft.synthetic import make_batch, target_weights, tiny_target, tiny_target_config
 from pipeline.store import config_sha256
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -55,15 +57,15 @@ def eagle1(target) -> Eagle1Draft:
     return m.eval()
 
 
-def eagle3(target, batch) -> Eagle3Draft:
+def eagle3(target, batch, aux: list[int] = AUX, vd: int = VD) -> Eagle3Draft:
     tc, tgt = target
     torch.manual_seed(0)
-    m = Eagle3Draft(Eagle3Config.from_target(tc, AUX, VD, target_name="/models/tiny-llama"))
+    m = Eagle3Draft(Eagle3Config.from_target(tc, aux, vd, target_name="/models/tiny-llama"))
     for p in m.trainable_parameters():
         torch.nn.init.normal_(p, std=0.05)
     m.load_target_weights(target_weights(tgt))
     counts = np.bincount(batch["topk_ids"][..., 0].flatten().numpy(), minlength=V)
-    m.set_vocab(*build_draft_vocab(counts, VD)[:2])
+    m.set_vocab(*build_draft_vocab(counts, vd)[:2])
     return m.eval()
 
 
@@ -187,7 +189,7 @@ def sglang_eagle3_name(name: str) -> str | None:
     return name if name in SGLANG_EAGLE3_PARAMS else f"model.{name}"
 
 
-def assert_eagle3_shapes(shapes: dict, prefix: str):
+def assert_eagle3_shapes(shapes: dict, prefix: str, embed: bool = False):
     assert shapes["fc.weight"] == ((H, 3 * H), torch.float32)
     assert shapes[f"{prefix}self_attn.q_proj.weight"][0] == (4 * 16, 2 * H)
     assert shapes[f"{prefix}self_attn.k_proj.weight"][0] == (2 * 16, 2 * H)
@@ -196,7 +198,7 @@ def assert_eagle3_shapes(shapes: dict, prefix: str):
     assert shapes[f"{prefix}hidden_norm.weight"][0] == (H,)
     assert shapes["norm.weight"][0] == (H,) and shapes["lm_head.weight"][0] == (VD, H)
     assert shapes["d2t"] == ((VD,), torch.int64) and shapes["t2d"] == ((V,), torch.bool)
-    assert "embed_tokens.weight" not in shapes
+    assert (shapes.get("embed_tokens.weight") == ((V, H), torch.float32)) if embed else "embed_tokens.weight" not in shapes
 
 
 def test_eagle3_vllm_export(tmp_path, target, batch):
@@ -216,6 +218,9 @@ def test_eagle3_vllm_export(tmp_path, target, batch):
     sgl = {sglang_eagle3_name(k) for k in shapes} - {None}
     assert sgl == SGLANG_EAGLE3_PARAMS - {"model.embed_tokens.weight"}
     assert cfg["pipeline"]["aux_layer_ids"] == AUX and cfg["pipeline"]["needs_target_weights"] == ["embed_tokens.weight"]
+    # not the engines' default (2, N//2, N-3): written out, and the export says who reads them how
+    note = cfg["pipeline"]["aux_layer_note"]
+    assert "before that PR adds 1" in note and str([i + 1 for i in AUX]) in note
 
     loaded, meta = load_export(out)
     a, b = eagle3_step(model, batch), eagle3_step(loaded, batch)
@@ -241,14 +246,15 @@ def test_eagle3_speculators_export(tmp_path, target, batch):
     assert_same_rope(tl, tc)
     assert cfg["draft_vocab_size"] == VD and cfg["target_hidden_size"] == H
     assert cfg["eagle_aux_hidden_state_layer_ids"] == AUX and cfg["norm_before_residual"] is False
-    assert_eagle3_shapes(shapes, "layers.0.")
+    assert_eagle3_shapes(shapes, "layers.0.", embed=True)
+    assert torch.equal(load_file(str(out / "model.safetensors"))["embed_tokens.weight"], model.embed_tokens.weight)
     # vLLM's speculators adapter: the transformers config is transformer_layer_config + the eagle3 fields.
     pre = dict(tl)
     pre.update(draft_vocab_size=cfg.get("draft_vocab_size"), target_hidden_size=cfg["target_hidden_size"],
                norm_before_residual=cfg.get("norm_before_residual", True),
                eagle_aux_hidden_state_layer_ids=cfg["eagle_aux_hidden_state_layer_ids"])  # fmt: skip
     assert pre["norm_before_residual"] is False  # the adapter's default would be True: must be explicit
-    assert {vllm_eagle3_name(k) for k in shapes} - {None} == VLLM_EAGLE3_PARAMS - {"model.embed_tokens.weight"}
+    assert {vllm_eagle3_name(k) for k in shapes} - {None} == VLLM_EAGLE3_PARAMS
 
     loaded, meta = load_export(out)
     a, b = eagle3_step(model, batch), eagle3_step(loaded, batch)
@@ -269,3 +275,54 @@ def test_metadata_config_hash_matches_store_fingerprint(tmp_path, target, batch)
     model = eagle3(target, batch)
     cfg, _ = read_export(export_draft(model, None, tmp_path / "h", "vllm"))
     assert cfg["pipeline"]["target"]["config_sha256"] == config_sha256(target[0])
+
+
+def test_default_aux_layers_are_left_to_the_engines(tmp_path):
+    tc = tiny_target_config(vocab_size=V, hidden_size=H, num_layers=8)
+    deep = (tc, tiny_target(tc, seed=0, init_std=0.3))
+    default = [2, 8 // 2, 8 - 3]  # vLLM's and SGLang's EAGLE-3 default for an 8-layer target
+    samples = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(1)) for n in (30, 20)]
+    model = eagle3(deep, make_batch(deep[1], samples, default, 8), aux=default)
+    for fmt in ("vllm", "speculators"):
+        out = export_draft(model, None, tmp_path / fmt, fmt)
+        cfg, _ = read_export(out)
+        served = json.dumps({k: v for k, v in cfg.items() if k != "pipeline"})
+        assert "eagle_aux_hidden_state_layer_ids" not in served, fmt  # every engine falls back to (2, N//2, N-3)
+        assert cfg["pipeline"]["aux_layer_ids"] == default and "left out" in cfg["pipeline"]["aux_layer_note"]
+        loaded, _ = load_export(out)
+        assert loaded.config.aux_layer_ids == default
+    assert read_export(tmp_path / "vllm")[0]["eagle_config"] == {"use_aux_hidden_state": True}
+
+
+def test_full_size_draft_vocabulary_has_no_maps(tmp_path, target, batch):
+    model = eagle3(target, batch, vd=V)
+    assert torch.equal(model.d2t, torch.zeros(V, dtype=torch.int64)) and bool(model.t2d.all())
+    for fmt in ("vllm", "speculators"):
+        out = export_draft(model, None, tmp_path / fmt, fmt)
+        cfg, shapes = read_export(out)
+        assert "d2t" not in shapes and "t2d" not in shapes, fmt  # vLLM's llama_eagle3 refuses a d2t then
+        assert cfg["draft_vocab_size"] == V and shapes["lm_head.weight"][0] == (V, H)
+        loaded, _ = load_export(out)
+        a, b = eagle3_step(model, batch), eagle3_step(loaded, batch)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("vd", [VD, V], ids=["draft-vocab", "full-vocab"])
+def test_speculators_package_loads_the_export_with_our_logits(tmp_path, target, batch, vd):
+    """The speculators export loaded by the ``speculators`` package itself (its ``Eagle3DraftModel``, the training
+    forward with teacher forcing) gives the project's draft-vocabulary logits at every TTT step."""
+    require_optional("speculators.models.eagle3", "PIPELINE_REQUIRE_SPECULATORS")
+    from pipeline.draft.speculators_check import compare_logits, load_with_speculators
+
+    verifier = tmp_path / "verifier"  # speculators reads its config (aux layer ids) and weights (verifier head)
+    target[1].save_pretrained(verifier)
+    model = eagle3(target, batch, vd=vd)
+    model.config.target_name = str(verifier)
+    theirs = load_with_speculators(export_draft(model, None, tmp_path / "spec", "speculators", dtype=torch.float32))
+    assert torch.equal(theirs.embed_tokens.weight, model.embed_tokens.weight)  # not left at zeros
+    if vd < V:
+        assert torch.equal(theirs.d2t, model.d2t) and torch.equal(theirs.t2d, model.t2d)
+    steps = compare_logits(model, theirs, {k: v[:1] for k, v in batch.items()}, steps=3)  # row 0: one document
+    assert [s["step"] for s in steps] == [0, 1, 2]
+    for s in steps:
+        assert s["rel_diff"] < 1e-5 and s["argmax_agree"] == 1.0, s

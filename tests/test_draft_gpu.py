@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+from synthetic_target import make_batch, target_weights, tiny_target, tiny_target_config
 
 from pipeline.draft.eagle1 import Eagle1Config, Eagle1Draft, Eagle1Objective
 from pipeline.draft.eagle1 import training_loss as eagle1_loss
@@ -21,7 +22,6 @@ from pipeline.draft.eagle3 import (
 )
 from pipeline.draft.eagle3 import training_loss as eagle3_loss
 from pipeline.draft.layers import KVCache
-from pipeline.draft.synthetic import make_batch, target_weights, tiny_target, tiny_target_config
 
 pytestmark = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -67,6 +67,31 @@ def test_cuda_matches_cpu():
     drafts = e3.generate_chain(gb["hidden_aux"][:1, :20], gb["input_ids"][:1, 1:21], gb["position_ids"][:1, :20],
                                KVCache(1), 4)  # fmt: skip
     assert drafts.shape == (1, 4) and drafts.is_cuda
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["chunked", "flex"])
+def test_training_attention_paths_match_dense_on_cuda(monkeypatch, impl):
+    """Query-chunked and FlexAttention (compiled, block mask) attention give the dense path's outputs and
+    gradients over packed rows with TTT diagonals (FlexAttention's backward exists on CUDA only)."""
+    from synthetic_target import packed_doc_ids, ttt_attention_inputs
+
+    import pipeline.draft.layers as layers
+    from pipeline.draft.layers import attend
+
+    doc = packed_doc_ids(256, "cuda")
+    results = []
+    for mode in ("dense", impl):
+        monkeypatch.setenv("PIPELINE_ATTENTION", mode)
+        monkeypatch.setattr(layers, "CHUNK_SCORE_BYTES", 3 * 4 * 2 * 8 * 32 * 256 * 3)  # 32-row chunks
+        q, kv, blocks = ttt_attention_inputs(doc, 3, heads=8, kv_heads=2, head_dim=64)
+        out = attend(q, blocks)
+        (out * torch.linspace(-1, 1, out.numel(), device="cuda").reshape(out.shape)).sum().backward()
+        results.append((out.detach(), [t.grad for t in (q, *kv)]))
+    (ref, ref_grads), (got, grads) = results
+    torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)  # flex: TF32/fused kernels on the GPU
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
 
 
 def smollm2_sized_step(tokens: int = 2048, steps: int = 7) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from synthetic_target import packed_doc_ids, tiny_target_config, ttt_attention_inputs
 
 from pipeline.draft.layers import (
     DecoderLayer,
@@ -19,7 +20,6 @@ from pipeline.draft.layers import (
     shift_left,
     uniform_noise,
 )
-from pipeline.draft.synthetic import tiny_target_config
 
 ROPES = [
     {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
@@ -156,3 +156,70 @@ def test_uniform_noise_bounds():
     scaled = uniform_noise(x, 0.2, doc, scale_by_length=True)
     assert scaled[0, :4].abs().max() <= 0.1 * 512 / 4 and scaled[0, :4].abs().max() > 0.05 * 512 / 4
     assert scaled[0, 4:].abs().max() <= 0.1 * 512 / 8 and scaled[0, 4:].abs().max() > 0.05 * 512 / 8
+
+
+# ---- training attention: lazy document mask, query chunks, FlexAttention
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_chunked_attention_equals_dense_with_gradients(monkeypatch, steps):
+    import pipeline.draft.layers as layers
+
+    doc = packed_doc_ids()
+    results = []
+    for impl, chunk_bytes in (("dense", 1 << 30), ("chunked", 3 * 4 * 2 * 4 * 7 * (40 + steps - 1))):  # 7 rows
+        monkeypatch.setenv("PIPELINE_ATTENTION", impl)
+        monkeypatch.setattr(layers, "CHUNK_SCORE_BYTES", chunk_bytes)
+        q, kv, blocks = ttt_attention_inputs(doc, steps)
+        assert layers.attention_impl(q, blocks) == impl
+        if impl == "chunked":
+            assert layers._chunk_rows(q, 40 + steps - 1) == 7
+        out = attend(q, blocks)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), [t.grad for t in (q, *kv)]))
+    (dense, dgrads), (chunked, cgrads) = results
+    torch.testing.assert_close(chunked, dense, rtol=1e-5, atol=1e-6)
+    for a, b in zip(cgrads, dgrads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert (dense[0, :, 38:] == 0).all()  # padding queries see nothing
+
+
+def test_lazy_doc_mask_rows_and_first_key():
+    from pipeline.draft.layers import DocCausal
+
+    doc = packed_doc_ids()
+    lazy = DocCausal(doc)
+    assert torch.equal(lazy.rows(10, 20, 3, 20), doc_causal_mask(doc)[:, 10:20, 3:20])
+    assert lazy.first_key(14, 20) == 0  # row 1 is one document from row 0
+    assert lazy.first_key(31, 36) == 0 and DocCausal(doc[:1]).first_key(31, 36) == 31
+    assert DocCausal(doc[:1]).first_key(38, 40) == 38  # padding only
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_forward_equals_dense(monkeypatch):
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    doc = packed_doc_ids()
+    outs = []
+    for impl in ("dense", "flex"):
+        monkeypatch.setenv("PIPELINE_ATTENTION", impl)
+        q, _, blocks = ttt_attention_inputs(doc, 3, grad=False)  # no FlexAttention backward on the CPU: test_draft_gpu.py
+        outs.append(attend(q, blocks))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_attention_is_dense_on_the_cpu_until_the_scores_grow(monkeypatch):
+    import pipeline.draft.layers as layers
+
+    monkeypatch.delenv("PIPELINE_ATTENTION", raising=False)
+    q, _, blocks = ttt_attention_inputs(packed_doc_ids(), 3, grad=False)
+    assert layers.attention_impl(q, blocks) == "dense"
+    assert layers.attention_impl(q, [KVBlock(blocks[0].k, blocks[0].v, blocks[0].mask.dense())]) == "dense"
+    monkeypatch.setattr(layers, "CPU_DENSE_SCORE_BYTES", 1000)
+    assert layers.attention_impl(q, blocks) == "chunked"
+
+
+def test_unknown_attention_impl_is_named(monkeypatch):
+    monkeypatch.setenv("PIPELINE_ATTENTION", "fast")
+    q, _, blocks = ttt_attention_inputs(packed_doc_ids(), 1)
+    with pytest.raises(ValueError, match="PIPELINE_ATTENTION"):
+        attend(q, blocks)

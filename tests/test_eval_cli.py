@@ -97,7 +97,8 @@ def test_report_aggregation_files_and_compare(tmp_path):
 
 
 def test_cli_on_a_tiny_target(tmp_path, tiny_llama_dir):
-    from pipeline.evaluate.synthetic import tiny_draft
+    from synthetic_draft import tiny_draft
+
     from pipeline.evaluate.target import load_target
 
     target, _ = load_target(tiny_llama_dir)
@@ -142,7 +143,8 @@ def test_real_smollm2_end_to_end(smollm2_runs, tmp_path):
     reports = {}
     for mode in ("chain", "tree"):
         rep, path, png = evaluate(e1, prompts=prompts, mode=mode, depth=4, top_k=4, total_tokens=16,
-                                  max_new_tokens=24, report_path=tmp_path / f"{mode}.json", progress=False)  # fmt: skip
+                                  max_new_tokens=24, report_path=tmp_path / f"{mode}.json", progress=False,
+                                  baselines=())  # fmt: skip
         assert rep["mismatches"] == 0 and rep["turns"] == 2 and png.exists()
         assert rep["acceptance_length"] == rep["decode_tokens"] / rep["target_forwards"] >= 1.0
         for r in rep["prompts"]:

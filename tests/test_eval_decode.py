@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from synthetic_draft import decoding_target, fit_draft, fit_prompts, tiny_draft
 
-from pipeline.draft.synthetic import tiny_target, tiny_target_config
 from pipeline.evaluate.decode import speculative_generate
 from pipeline.evaluate.drafter import Drafter, DraftSettings
-from pipeline.evaluate.synthetic import fit_draft, greedy_continuations, tiny_draft
 from pipeline.evaluate.target import target_generate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,17 +21,13 @@ MODES = {"chain": DraftSettings(mode="chain", depth=4),
 
 @pytest.fixture(scope="module")
 def target():
-    # init 0.2: peaked but not yet looping continuations, so every token depends on the whole context (a wrong
-    # cache entry shows up as a different token)
-    return tiny_target(tiny_target_config(vocab_size=V, hidden_size=64, num_layers=8), seed=0, init_std=0.2)
+    return decoding_target(V)
 
 
 @pytest.fixture(scope="module")
 def fitted(target):
     """Heads fitted to the target's greedy continuations of 12 prompts, and those prompts/continuations."""
-    torch.set_num_threads(1)
-    prompts = torch.randint(0, V, (12, 4), generator=torch.Generator().manual_seed(0))
-    seqs = greedy_continuations(target, prompts, 32)
+    prompts, seqs = fit_prompts(target)
     heads = {}
     for variant in ("eagle1", "eagle3"):
         head = tiny_draft(target, variant, AUX, seed=1)

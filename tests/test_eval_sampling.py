@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from synthetic_draft import tiny_draft
+from synthetic_target import tiny_target, tiny_target_config
 
-from pipeline.draft.synthetic import tiny_target, tiny_target_config
 from pipeline.evaluate.decode import speculative_generate
 from pipeline.evaluate.drafter import Drafter, DraftSettings
 from pipeline.evaluate.sampling import accept
-from pipeline.evaluate.synthetic import tiny_draft
 from pipeline.evaluate.tree import Tree
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -85,11 +85,12 @@ def conditional_test(target, prompt: torch.Tensor, runs: list[list[int]]) -> tup
     return stat, crit, float(0.5 * (y.mean(0) - p.mean(0)).abs().sum())
 
 
-def sample_runs(target, drafter, settings, prompt, n: int, new_tokens: int) -> tuple[list[list[int]], float]:
+def sample_runs(target, drafter, settings, prompt, n: int, new_tokens: int,
+                budget=None) -> tuple[list[list[int]], float]:  # fmt: skip
     runs, accepted, attempted = [], 0, 0
     for seed in range(n):
         out = speculative_generate(target, drafter, prompt[0], settings, new_tokens, set(),
-                                   torch.Generator().manual_seed(seed))  # fmt: skip
+                                   torch.Generator().manual_seed(seed), budget)  # fmt: skip
         runs.append(out.tokens)
         accepted, attempted = accepted + sum(out.accepted), attempted + sum(out.attempted)
     return runs, accepted / attempted
@@ -113,6 +114,21 @@ def test_speculative_sampling_matches_the_target_distribution_end_to_end(small_t
     assert 0.15 < rate < 0.95, rate  # both the accept and the reject paths ran often
     stat, crit, tv = conditional_test(small_target, PROMPT, runs)
     assert stat < crit and tv < 0.08, (stat, crit, tv)  # TV: a loose sanity bound (noise ~0.04)
+
+
+def test_cost_aware_sampling_matches_the_target_distribution(small_target):
+    # the chain decides how deep to draft before sampling each position, never after: a sampled draft that were
+    # dropped for being unlikely would bias the verified tokens away from q
+    from pipeline.evaluate.budget import Budget, CostModel
+
+    drafter = Drafter(tiny_draft(small_target, "eagle3", aux_layer_ids=(0, 1, 2), draft_vocab_size=10, seed=6))
+    settings = DraftSettings(mode="chain", depth=3, temperature=1.0)
+    budget = Budget(CostModel({1: 1.0, 2: 1.05, 4: 1.15, 8: 1.35}, 0.0))
+    runs, rate = sample_runs(small_target, drafter, settings, PROMPT, 120, 16, budget)
+    per_round = budget.decisions["verified_drafts"] / budget.decisions["rounds"]
+    assert 0.3 < per_round < 2.7, budget.decisions  # the budget really varied the chain length
+    stat, crit, tv = conditional_test(small_target, PROMPT, runs)
+    assert stat < crit and tv < 0.08, (stat, crit, tv)
 
 
 def test_the_distribution_test_catches_a_biased_rule(small_target, monkeypatch):

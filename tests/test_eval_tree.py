@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from synthetic_draft import tiny_draft
+from synthetic_target import tiny_target, tiny_target_config
 
 from pipeline.draft.layers import KVCache, causal_mask
-from pipeline.draft.synthetic import tiny_target, tiny_target_config
 from pipeline.evaluate.decode import verify
 from pipeline.evaluate.drafter import Drafter, DraftSettings, propose
 from pipeline.evaluate.sampling import accept
-from pipeline.evaluate.synthetic import tiny_draft
 from pipeline.evaluate.target import cache_length, compact_cache, new_cache, target_forward
 from pipeline.evaluate.tree import Tree, tree_mask, tree_positions
 
@@ -97,7 +97,8 @@ def test_tree_drafting_builds_a_valid_tree_and_leaves_only_real_rows_cached(targ
     rows = drafter.row_inputs(hs)
     settings = DraftSettings(mode="tree", depth=4, top_k=3, total_tokens=10)
     cache = KVCache()
-    tree = propose(drafter, cache, rows[:, :-1], ids[:, 1:], torch.arange(7)[None], settings)
+    tree, drafted = propose(drafter, cache, rows[:, :-1], ids[:, 1:], torch.arange(7)[None], settings)
+    assert len(drafted) >= len(tree)  # every created node; the total_tokens best are verified
     assert len(cache) == 7
     assert len(tree) == 10 and max(tree.depths) <= 4
     for i, (p, d) in enumerate(zip(tree.parents, tree.depths, strict=True)):

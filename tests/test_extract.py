@@ -182,6 +182,30 @@ def test_malformed_inputs_are_counted(tiny_llama_dir, tmp_path):
     assert "bad.json" in unknown["detail"] and "u1" in unknown["detail"] and "robot" in unknown["detail"]
 
 
+def test_fp8_zstd_extraction_and_convert_agree(tiny_llama_dir, tmp_path):
+    """`extract --hidden-dtype fp8 --codec zstd --logprob-dtype fp16` and `convert` of an fp32 extraction write the
+    same bytes (quantized from the same fp32 forward), `inspect --json` names the dtype, and precision only goes
+    down."""
+    kw = dict(limit=6, max_length=96, top_k=8, shard_size=3)
+    extract(tiny_llama_dir, tmp_path / "fp32", hidden_dtype="float32", **kw)
+    extract(tiny_llama_dir, tmp_path / "fp8", hidden_dtype="float8_e4m3fn", codec="zstd", logprob_dtype="float16",
+            **kw)  # fmt: skip
+    runner = CliRunner()
+    res = runner.invoke(cli, ["convert", str(tmp_path / "fp32"), "--out", str(tmp_path / "conv"), "--hidden-dtype",
+                              "fp8", "--codec", "zstd", "--logprob-dtype", "fp16", "--no-progress"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    direct, conv = st.StoreReader(tmp_path / "fp8"), st.StoreReader(tmp_path / "conv")
+    assert direct.digest == conv.digest and direct.fields["topk_ids"][1] == "uint16"
+    assert tensor_checksums(tmp_path / "fp8") == tensor_checksums(tmp_path / "conv")
+    info = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "fp8"), "--json"]).output)
+    assert info["hidden_dtype"] == "float8_e4m3fn" and info["format_version"] == 2 and info["codec"] == "zstd"
+    assert 0 < info["bytes_per_token_total"] < st.inspect_store(tmp_path / "fp32")["bytes_per_token_total"] / 3
+    res = runner.invoke(cli, ["convert", str(tmp_path / "fp8"), "--out", str(tmp_path / "up"), "--hidden-dtype",
+                              "bf16"])  # fmt: skip
+    assert res.exit_code == 2 and "float8_e4m3fn" in res.output and "re-extract" in res.output
+    assert not (tmp_path / "up").exists()
+
+
 def test_cli_inspect_and_verify(tiny_llama_dir, tmp_path):
     out = tmp_path / "s"
     runner = CliRunner()

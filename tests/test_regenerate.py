@@ -230,3 +230,24 @@ def test_real_smollm2_on_real_sharegpt(smollm2_dir, tmp_path):
     new = new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
     reference = tok.decode(new, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     assert msgs[k]["content"] == reference and len(reference.split()) >= 3
+
+
+def test_a_turn_ends_at_the_end_of_turn_token_even_when_eos_is_another(smollm2_tokenizer, tmp_path):
+    """A model whose configured eos is ``<|endoftext|>`` still ends a chat turn at ``<|im_end|>``: regeneration
+    stops where the evaluator does (one rule), instead of running on into an invented next turn."""
+    from conftest import make_tiny_llama
+
+    from pipeline.evaluate.target import stop_token_ids as eval_stop_ids
+    from pipeline.regenerate import cut_at_stop
+
+    tok = AutoTokenizer.from_pretrained(smollm2_tokenizer.name_or_path, eos_token="<|endoftext|>")
+    model_dir = make_tiny_llama(tmp_path / "eos-is-endoftext", tok, layers=1, hidden=16)
+    end_of_text, im_end = tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert json.loads((model_dir / "config.json").read_text())["eos_token_id"] == end_of_text != im_end
+    stops = stop_token_ids(model_dir, AutoTokenizer.from_pretrained(model_dir))
+    assert {end_of_text, im_end} <= set(stops)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert set(stops) == eval_stop_ids(AutoTokenizer.from_pretrained(model_dir), model.generation_config, model.config)
+    assert HFGenerator(model_dir, device="cpu").stops == stops
+    comp = cut_at_stop([5, 7, im_end, 1, 9], set(stops))
+    assert (comp.token_ids, comp.finish_reason) == ([5, 7], "stop")

@@ -137,6 +137,7 @@ def test_uncommitted_shard_is_invisible_and_cleaned(tmp_path):
     crashed = w.begin_shard(1, (4, 8))
     crashed.append(st.SampleMeta(4, 4, "b"), sample(9, 1, fp))  # never committed: a crash
     assert crashed.tmp.exists()
+    crashed.claim.release()  # what the kernel does when the writer dies
     with pytest.raises(st.StoreError, match="shards not committed: 1"):
         st.StoreReader(tmp_path / "s")
     partial = st.StoreReader(tmp_path / "s", require_complete=False)
@@ -206,3 +207,305 @@ def test_stored_subset_and_token_counts(tmp_path):
     assert np.array_equal(r.token_counts(), expected)
     info = st.inspect_store(tmp_path / "s")
     assert info["samples"] == 2 and info["tokens"] == 13 and set(info["bytes_per_field"]) >= {"hidden_aux"}
+
+
+# ---------------------------------------------------------------------------------------------------- integrity
+
+
+def test_open_refuses_damage_and_never_reads_zeros(tmp_path):
+    fp = fingerprint("bfloat16", "zstd", chunk=16)
+    w, _ = write_store(tmp_path / "s", fp, [[10, 30], [8]])
+    victim = w.shard_dir(0) / st.chunk_key("hidden_last", 1, 1)
+    victim.rename(victim.with_name("moved"))
+    with pytest.raises(st.StoreError, match=r"shard-00000/tensors/hidden_last/c/1/0: listed in the commit record"):
+        st.StoreReader(tmp_path / "s")
+    r = st.StoreReader(tmp_path / "s", skip_bad_shards=True, require_complete=False)
+    assert list(r.bad_shards) == [0] and len(r) == 1
+    victim.with_name("moved").rename(victim)
+    r = st.StoreReader(tmp_path / "s")
+    victim.unlink()  # gone after the store was opened: zarr would return the fill value
+    with pytest.raises(st.StoreError, match="chunk 1 of hidden_last is missing"):
+        r.read(1, ("hidden_last",))
+
+
+def test_reads_check_sizes_checksums_and_token_ids(tmp_path):
+    fp = fingerprint("float16", "none", chunk=16)
+    w, _ = write_store(tmp_path / "s", fp, [[10, 30], [8]])
+    chunk = w.shard_dir(1) / st.chunk_key("topk_logprobs", 0, 1)
+    data = bytearray(chunk.read_bytes())
+    data[7] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    assert st.StoreReader(tmp_path / "s").read(2)  # the cheap open checks cannot see a flipped byte...
+    with pytest.raises(st.StoreError, match="changed after it was written"):  # ...the first read can
+        st.StoreReader(tmp_path / "s", verify_reads=True).read(2)
+    ids = w.shard_dir(0) / st.chunk_key("input_ids", 1, 0)
+    data = bytearray(ids.read_bytes())
+    data[4 * 3 + 3] = 0x7F  # row 19 of shard 0 = inside sample 1
+    ids.write_bytes(bytes(data))
+    with pytest.raises(st.StoreError, match=r"sample 1 of shard 0 \(record 'r1'\) holds token id \d+, outside"):
+        st.StoreReader(tmp_path / "s").read(1)
+
+
+def test_fingerprint_digest_is_recomputed(tmp_path):
+    import pyarrow as pa
+
+    fp = fingerprint()
+    write_store(tmp_path / "s", fp, [[4]], plan={"records": 4, "shards": 1, "shard_size": 4})
+    path = tmp_path / "s" / st.STORE_FILE
+    t = st._read_arrow(path)
+    row = t.to_pylist()[0]
+    edited = copy.deepcopy(fp)
+    edited["layers"]["aux"] = [2, 3, 4]
+    row["fingerprint"] = st.canonical_json(edited)
+    st._write_arrow(path, pa.Table.from_pylist([row], schema=t.schema))
+    with pytest.raises(st.StoreError, match="does not match its recorded digest"):
+        st.StoreReader(tmp_path / "s")
+    assert any("does not match its recorded digest" in p for p in st.verify_store(tmp_path / "s"))
+    row["fingerprint_digest"] = st.fingerprint_digest(edited)  # digest edited too: the shards disagree with it
+    st._write_arrow(path, pa.Table.from_pylist([row], schema=t.schema))
+    with pytest.raises(st.StoreError, match="committed under fingerprint digest"):
+        st.StoreReader(tmp_path / "s")
+
+
+def test_target_checksums(tmp_path):
+    fp = fingerprint()
+    write_store(tmp_path / "s", fp, [[4]], plan={"records": 4, "shards": 1, "shard_size": 4})
+    weights = tmp_path / "s" / st.TARGET_DIR / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01
+    weights.write_bytes(bytes(data))
+    assert st.verify_store(tmp_path / "s") == ["target/weights.safetensors: checksum mismatch (sha256 differs from "
+                                               "the commit record)"]  # fmt: skip
+    assert st.StoreReader(tmp_path / "s").target_weights()  # sizes only when opening...
+    with pytest.raises(st.StoreError, match="weights.safetensors: changed after it was written"):
+        st.StoreReader(tmp_path / "s", verify_reads=True).target_weights()  # ...the bytes when loading them
+    weights.write_bytes(bytes(data[:-8]))
+    with pytest.raises(st.StoreError, match="target/weights.safetensors: size"):
+        st.StoreReader(tmp_path / "s")
+    # The next writer sets the damaged copy aside and rewrites it.
+    w = st.StoreWriter(tmp_path / "s", fp, {"records": 4, "shards": 1, "shard_size": 4}, target())
+    assert w.repaired_target and st.verify_store(tmp_path / "s") == []
+    assert [x["state"] for x in st.find_leftovers(tmp_path / "s")] == ["set aside"]
+
+
+def test_version_1_stores_still_read(tmp_path):
+    import pyarrow as pa
+
+    fp = fingerprint()
+    fp["format_version"] = 1
+    _, written = write_store(tmp_path / "s", fp, [[5, 6]], plan={"records": 4, "shards": 1, "shard_size": 4})
+    root = tmp_path / "s"
+    t = st._read_arrow(root / st.STORE_FILE)
+    row = t.to_pylist()[0]
+    row["format_version"] = 1
+    st._write_arrow(root / st.STORE_FILE, pa.Table.from_pylist([row], schema=t.schema))
+    (root / st.TARGET_DIR / st.COMMIT_FILE).unlink()  # version 1 recorded no target checksums
+    r = st.StoreReader(root, verify_reads=True)
+    assert r.format_version == 1 and len(r) == 2 and r.target_weights()
+    assert torch.equal(r.sample(0)["input_ids"], written[0]["input_ids"])
+    assert st.verify_store(root) == []
+
+
+def test_incomplete_shard_is_never_committed(tmp_path):
+    fp = fingerprint(chunk=8)
+    w = st.StoreWriter(tmp_path / "s", fp, {"records": 4, "shards": 1, "shard_size": 4}, target())
+    sw = w.begin_shard(0, (0, 4), expected_tokens=20)
+    sw.append(st.SampleMeta(0, 0, "a"), sample(20, 0, fp))
+    sw._wait_writes()  # the pooled chunk writes have landed
+    (sw.tmp / st.chunk_key("hidden_aux", 1, 2)).unlink()  # lost under the writer (another process, a bad disk)
+    with pytest.raises(st.StoreError, match=r"incomplete, not committed: tensors/hidden_aux/c/1/0/0: missing"):
+        sw.commit()
+    assert not w.shard_dir(0).exists() and not sw.tmp.exists()
+    assert w.claim(0, blocking=False) is not None  # the claim was released
+
+
+def test_claims_exclude_and_die_with_their_process(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    fp = fingerprint()
+    w = st.StoreWriter(tmp_path / "s", fp, {"records": 8, "shards": 2, "shard_size": 4}, target())
+    mine = w.claim(0)
+    assert w.claim(0, blocking=False) is None and w.claim(1, blocking=False) is not None
+    mine.release()
+    code = ("import sys, time; from pipeline.locks import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(600)")  # fmt: skip
+    lock = tmp_path / "s" / st.LOCKS_DIR / "shard-00000.lock"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert w.claim(0, blocking=False) is None and "pid" in w.claim_holder(0)
+    tmp = tmp_path / "s" / st.SHARDS_DIR / ".tmp-shard-00000-otherhost-1-abcdef01"
+    tmp.mkdir()
+    assert [x["state"] for x in st.find_leftovers(tmp_path / "s")] == ["in use"]
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert [x["state"] for x in st.find_leftovers(tmp_path / "s")] == ["dead"]
+    assert w.claim(0, blocking=False) is not None  # the dead holder's claim is recovered
+    st.StoreWriter(tmp_path / "s", fp, {"records": 8, "shards": 2, "shard_size": 4}, target())
+    assert not tmp.exists()  # the next writer removed the dead one's leftovers
+
+
+def test_disk_full_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+    from zarr.storage import LocalStore
+
+    fp = fingerprint(chunk=8)
+    plan = {"records": 4, "shards": 1, "shard_size": 4}
+    # target/ on a full disk (safetensors reports it as its own error, without a path)
+    import safetensors.torch
+
+    def full_save(*a, **k):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')  # fmt: skip
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_save)
+    with pytest.raises(st.StoreError, match=r"\.tmp-target-.*: writing the target pieces failed: No space left"):
+        st.StoreWriter(tmp_path / "s", fp, plan, target())
+    assert not list((tmp_path / "s").glob(".tmp-*"))
+    monkeypatch.undo()
+    # a chunk write on a full disk
+    w = st.StoreWriter(tmp_path / "s", fp, plan, target())
+    real = LocalStore._set
+
+    async def full_set(self, key, value, exclusive=False):
+        if "/c/" in key:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return await real(self, key, value, exclusive)
+
+    monkeypatch.setattr(LocalStore, "_set", full_set)
+    w.io_workers = 0  # writes in the appending thread: the append itself fails
+    sw = w.begin_shard(0, (0, 4), expected_tokens=20)
+    with pytest.raises(st.StoreError, match=r"writing tensors \(shard 0\) failed: No space left on device; free "):
+        sw.append(st.SampleMeta(0, 0, "a"), sample(20, 0, fp))
+    assert not sw.tmp.exists() and w.claim(0, blocking=False) is not None
+    with pytest.raises(st.StoreError, match="abandoned after a failed write"):
+        sw.commit()
+    w.io_workers = 2  # pooled writes: the failure surfaces at the next append or, at the latest, at commit
+    sw = w.begin_shard(0, (0, 4), expected_tokens=20)
+    with pytest.raises(st.StoreError, match=r"\(shard 0\) failed: No space left on device; free "):
+        sw.append(st.SampleMeta(0, 0, "a"), sample(20, 0, fp))
+        sw.commit()
+    assert not sw.tmp.exists() and w.claim(0, blocking=False) is not None
+    monkeypatch.undo()
+    # verify reports, then fails to record its result: nothing left behind
+
+    def full_write(path, table):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st, "_write_arrow", full_write)
+    problems = st.verify_store(tmp_path / "s", write_result=False)
+    assert problems == ["shard-00000: not committed (store incomplete)"]
+    with pytest.raises(st.StoreError, match="recording the verify result failed: No space left on device"):
+        st.record_verify(tmp_path / "s", problems)
+    assert not list((tmp_path / "s").glob(".tmp-*")) and not (tmp_path / "s" / st.VERIFY_FILE).exists()
+
+
+# ---- format 2: fp8 hidden states, compact top-k, chunk-at-a-time decoding
+
+
+def test_fp8_round_trip_is_per_row_e4m3(tmp_path):
+    fp = fingerprint(st.FP8, "zstd", chunk=16)
+    fp["dtypes"].update(topk_ids="uint16", topk_logprobs="float16")
+    _, written = write_store(tmp_path / "s", fp, [[5, 30, 1, 17], [40]])
+    r = st.StoreReader(tmp_path / "s")
+    assert set(r.arrays) == set(r.fields) | {"hidden_last_scale", "hidden_aux_scale"}
+    for i in range(len(r)):
+        got, ref = r.sample(i), written[int(r.sample_ids[i])]
+        for name in ("hidden_last", "hidden_aux"):
+            x = ref[name]
+            scale = x.abs().amax(-1, keepdim=True) / 448
+            expected = (x / scale).to(torch.float8_e4m3fn).float() * scale
+            assert got[name].dtype == torch.float32 and torch.allclose(got[name], expected, rtol=1e-6, atol=0)
+            # e4m3 keeps 3 mantissa bits: at most half an ulp (1/16) off relative to each row's largest value
+            assert ((got[name] - x).abs() <= x.abs().amax(-1, keepdim=True) / 16 + 1e-6).all()
+        assert got["topk_ids"].dtype == torch.int32 and torch.equal(got["topk_ids"], ref["topk_ids"])
+        assert torch.equal(got["topk_logprobs"], ref["topk_logprobs"].half())
+    rows = r.read(0, ("hidden_aux",))
+    assert rows["hidden_aux"].dtype == np.uint8 and rows["hidden_aux_scale"].shape == (int(r.lengths[0]), A)
+    assert st.verify_store(tmp_path / "s") == []
+    info = st.inspect_store(tmp_path / "s")
+    assert info["hidden_dtype"] == st.FP8 and info["format_version"] == 2
+    assert info["bytes_per_token"]["hidden_aux_scale"] > 0 and info["bytes_per_token_total"] > 0
+
+
+def test_fp8_nonfinite_rows_are_quarantined(tmp_path):
+    fp = fingerprint(st.FP8)
+    w = st.StoreWriter(tmp_path / "s", fp, {"records": 4, "shards": 1, "shard_size": 4}, target())
+    sw = w.begin_shard(0, (0, 4), expected_tokens=10)
+    bad = sample(5, 1, fp)
+    bad["hidden_last"][3, 0] = float("inf")
+    assert sw.append(st.SampleMeta(0, 0, "ok"), sample(5, 0, fp))
+    assert not sw.append(st.SampleMeta(1, 1, "inf"), bad)
+    assert [q["field"] for q in sw.commit()["quarantined"]] == ["hidden_last"]
+
+
+def test_uint16_ids_refuse_out_of_range(tmp_path):
+    fp = fingerprint()
+    fp["dtypes"]["topk_ids"] = "uint16"
+    w = st.StoreWriter(tmp_path / "s", fp, {"records": 4, "shards": 1, "shard_size": 4}, target())
+    sw = w.begin_shard(0, (0, 4))
+    s = sample(3, 0, fp)
+    s["topk_ids"][0, 0] = 70000
+    with pytest.raises(st.StoreError, match="uint16"):
+        sw.append(st.SampleMeta(0, 0, "x"), s)
+    sw.abort()
+
+
+def test_format_1_stores_still_read(tmp_path, monkeypatch):
+    fp = fingerprint("bfloat16", "zstd", chunk=16)
+    fp["format_version"] = 1
+    monkeypatch.setattr(st, "FORMAT_VERSION", 1)  # what the previous code wrote: same layout, int32 ids
+    _, written = write_store(tmp_path / "s", fp, [[5, 30], [12]])
+    monkeypatch.undo()
+    r = st.StoreReader(tmp_path / "s")
+    assert r.format_version == 1 and r.fields["topk_ids"][1] == "int32"
+    for i in range(len(r)):
+        assert torch.equal(r.sample(i)["topk_ids"], written[int(r.sample_ids[i])]["topk_ids"])
+    assert st.inspect_store(tmp_path / "s")["format_version"] == 1
+
+
+def test_compressed_chunks_are_decoded_once_in_order(tmp_path):
+    fp = fingerprint("bfloat16", "zstd", chunk=16)
+    write_store(tmp_path / "s", fp, [[5, 30, 1, 17, 9, 20]])  # 82 rows: 6 chunks of 16 (one shard)
+    r = st.StoreReader(tmp_path / "s")
+    r.cache_chunks = 2
+    for i in range(len(r)):
+        r.read(i, ("hidden_aux",))
+    assert r.decoded_chunks == 6  # each chunk once, although 3 samples straddle chunk edges
+    assert r.home_chunks()[1].tolist() == [0, 0, 2, 2, 3, 3]
+    for i in reversed(range(len(r))):  # a cache of 2 chunks cannot hold the store: re-decodes, same values
+        assert np.array_equal(r.read(i, ("hidden_aux",))["hidden_aux"],
+                              st.StoreReader(tmp_path / "s").read(i, ("hidden_aux",))["hidden_aux"])
+
+
+def test_pooled_writes_equal_inline_writes(tmp_path):
+    fp = fingerprint("bfloat16", "zstd", chunk=8)
+    plan = {"records": 4, "shards": 1, "shard_size": 4}
+    for workers in (0, 3):
+        w = st.StoreWriter(tmp_path / f"w{workers}", fp, plan, target(), io_workers=workers)
+        sw = w.begin_shard(0, (0, 4), expected_tokens=59)
+        for sid, n in enumerate((5, 30, 7, 17)):
+            sw.append(st.SampleMeta(sid, sid, f"r{sid}"), sample(n, sid, fp))
+        sw.commit()
+        w.close()
+    a = st.StoreReader(tmp_path / "w0")
+    b = st.StoreReader(tmp_path / "w3")
+    for i in range(4):
+        assert all(np.array_equal(x, y) for x, y in zip(a.read(i).values(), b.read(i).values(), strict=True))
+
+
+@pytest.mark.parametrize("codec", ["zstd", "blosc"])
+def test_direct_chunk_decode_equals_zarr(tmp_path, codec):
+    import zarr
+
+    fp = fingerprint(st.FP8, codec, chunk=16)
+    write_store(tmp_path / "s", fp, [[5, 30, 1, 17]])
+    r = st.StoreReader(tmp_path / "s")
+    for name in r.arrays:
+        arr = zarr.open_array(str(r.shards[0].path / st.TENSORS_DIR / name), mode="r")
+        for c in range(-(-arr.shape[0] // 16)):
+            direct = r._decode_chunk(0, name, c)
+            assert direct.shape[0] == 16 and np.array_equal(direct[: arr.shape[0] - 16 * c], arr[16 * c:16 * c + 16])

@@ -94,6 +94,26 @@ def test_refusals_name_the_problem(tiny_store, tiny_llama_dir, tmp_path):
         train(TrainConfig(feats=str(tiny_store), out=str(run), max_steps=2, **dict(FAST, lr=1e-2)))
 
 
+def test_compressed_fp8_store_trains_with_the_window_shuffle(tiny_llama_dir, tmp_path):
+    from conftest import build_store
+
+    store = build_store(tiny_llama_dir, tmp_path / "fp8", limit=20, max_length=128, top_k=8, shard_size=10,
+                        codec="zstd", hidden_dtype="float8_e4m3fn", logprob_dtype="float16", chunk_tokens=256)  # fmt: skip
+    run = tmp_path / "run"
+    s = train(TrainConfig(feats=str(store), out=str(run), max_steps=6, save_every=3, **FAST))
+    record = json.loads((run / "config.json").read_text())
+    info = next(r for r in read_metrics(run) if r["kind"] == "info")
+    assert record["train"]["shuffle"] == "window" and info["shuffle"] == "window" and info["loader_cache_bytes"] > 0
+    assert s["last"]["loss"] < s["first"]["loss"]
+    # a run recorded before the shuffle option existed used the global shuffle: resuming it says so
+    (run / "summary.json").unlink()
+    for key in ("shuffle", "shuffle_window"):
+        record["train"].pop(key)
+    (run / "config.json").write_text(json.dumps(record))
+    with pytest.raises(TrainError, match="shuffle: run has 'global', now 'window'"):
+        train(TrainConfig(feats=str(store), out=str(run), max_steps=6, **FAST))
+
+
 def test_kill_and_resume_is_exact(tiny_store, tmp_path):
     args = ["--max-steps", "8", "--save-every", "4", "--val-fraction", "0.2", "--eval-every", "4"]
     whole = tmp_path / "whole"
@@ -110,6 +130,7 @@ def test_kill_and_resume_is_exact(tiny_store, tmp_path):
     assert latest.read_text().strip() == "step4" and not (cut / "summary.json").exists()
     resumed = subprocess.run(cli_args(tiny_store, cut, *args, "--resume"), env=ENV, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "steps 5-8 of a resumed run" in resumed.stdout and "(step 5) ->" in resumed.stdout
     assert losses(cut) == losses(whole) and len(losses(whole)) == 8
     assert losses(cut, "lr") == losses(whole, "lr")
     assert [r["tau"] for r in read_metrics(cut) if r["kind"] == "val"] == [
@@ -169,3 +190,32 @@ def test_real_smollm2_eagle1_and_eagle3_from_one_store(smollm2_runs):
     record1 = json.loads((smollm2_runs["eagle1"][0] / "config.json").read_text())
     record3 = json.loads((smollm2_runs["eagle3"][0] / "config.json").read_text())
     assert record1["store_fingerprint_digest"] == record3["store_fingerprint_digest"]  # one extraction, two heads
+
+
+def test_dynamic_rope_targets_train_only_within_their_exact_length(smollm2_tokenizer, tmp_path):
+    """transformers switches dynamic/longrope frequencies beyond the original length with the forward's length;
+    the draft does not, so a store with longer samples is refused, naming the rope type; shorter ones train."""
+    from conftest import build_store
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.draft.layers import rope_exact_length
+
+    assert rope_exact_length({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}) is None
+    assert rope_exact_length({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                               "long_factor": [2.0] * 4, "original_max_position_embeddings": 32},
+                              "rope_theta": 1e4, "max_position_embeddings": 128, "hidden_size": 64,
+                              "num_attention_heads": 8}) == ("longrope", 32)  # fmt: skip
+    torch.manual_seed(0)
+    model_dir = tmp_path / "dynamic"
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=48,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    long = build_store(model_dir, tmp_path / "long", limit=3, max_length=64, top_k=4)
+    assert int(st.StoreReader(long).lengths.max()) > 48
+    with pytest.raises(TrainError, match="rope_type 'dynamic' .* longer than 48 tokens.*--max-length 48"):
+        train(TrainConfig(feats=str(long), out=str(tmp_path / "r-long"), max_steps=1, **FAST))
+    short = build_store(model_dir, tmp_path / "short", limit=3, max_length=48, top_k=4)
+    s = train(TrainConfig(feats=str(short), out=str(tmp_path / "r-short"), max_steps=1, **FAST))
+    assert s["steps"] == 1

@@ -12,10 +12,18 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from vllm_replay import (
+    ReplayLogprob,
+    _as_dicts,
+    _as_flat,
+    _columns,
+    connector_file_name,
+    write_connector_file,
+    write_replay,
+)
 
 from pipeline.extract import vllm_connector as vc
 from pipeline.extract.vllm_logprobs import LogprobFormatError, position_topk, store_topk
-from pipeline.extract.vllm_replay import ReplayLogprob, _as_dicts, _as_flat, _columns, write_replay
 
 N = 8  # layers of the tiny test model
 
@@ -93,14 +101,14 @@ def test_layer_id_validation_and_unsupported_norms():
 
 
 def test_reader_waits_for_the_writers_lock(tmp_path):
-    path = tmp_path / vc.connector_file_name("req-0-abcd1234")
+    path = tmp_path / connector_file_name("req-0-abcd1234")
     lock = path.with_name(path.name + vc.LOCK_SUFFIX)
     fd = os.open(lock, os.O_CREAT | os.O_WRONLY, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX)  # what vLLM 0.33's worker holds until its async write is done
 
     def writer():
         time.sleep(0.3)
-        vc.write_connector_file(path, torch.ones(2, 1, 3), [5, 6])
+        write_connector_file(path, torch.ones(2, 1, 3), [5, 6])
         os.close(fd)
 
     t = threading.Thread(target=writer)

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from pipeline.draft.layers import (
+    DocCausal,
     KVBlock,
-    doc_causal_mask,
     rope_parameters,
     same_doc_ahead,
     shift_left,
@@ -54,6 +54,21 @@ class DraftConfigMixin:
     def from_dict(cls, d: dict):
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclasses.dataclass
+class DraftShape(DraftConfigMixin):
+    """The sizes every draft head mirrors from one target layer (:func:`target_fields`); a head's config
+    dataclass extends it with its own fields (all defaulted)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    vocab_size: int
+    max_position_embeddings: int
 
 
 def target_fields(target_config: dict) -> dict[str, Any]:
@@ -125,12 +140,13 @@ def unroll_chain(layer: Callable, h0: torch.Tensor, batch: dict[str, torch.Tenso
     ``layer(hidden, tokens, position_ids, attend_to) -> (out, k, v)``. Step ``i`` feeds row ``t`` the step
     ``i-1`` output of the same row and token ``x_{t+1+i}`` at position ``position_ids[t] + i``; its query sees
     the step-0 keys of rows ``<= t`` of its document plus row ``t``'s own keys of steps ``1..i`` (the diagonal),
-    which is exactly what the draft sees when it drafts a chain from row ``t`` at inference. ``dense=True``
+    which is exactly what the draft sees when it drafts a chain from row ``t`` at inference. The step-0 mask
+    stays lazy (:class:`DocCausal`), so attention memory grows linearly with T (``layers.attend``). ``dense=True``
     attends over the concatenated keys of all steps with :func:`ttt_attention_mask` instead (same computation,
     O(T^2 * steps) memory; tests compare the two). Returns the outputs of steps ``0..steps-1``.
     """
     doc, pos = batch["doc_ids"], batch["position_ids"]
-    m0 = doc_causal_mask(doc)
+    m0 = DocCausal(doc)
     own = doc >= 0
     h = h0
     keys: list[tuple[torch.Tensor, torch.Tensor]] = []  # (k, v) of steps 0..i-1

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.draft.common import (
-    DraftConfigMixin,
+    DraftShape,
     check_overrides,
     greedy_chain_acceptance,
     masked_mean,
@@ -31,29 +31,23 @@ from pipeline.draft.common import (
     topk_target,
     unroll_chain,
 )
+from pipeline.draft.export import export_weights
 from pipeline.draft.layers import (
     DecoderLayer,
+    DocCausal,
     KVCache,
     RotaryEmbedding,
     cache_attend_to,
     causal_mask,
-    doc_causal_mask,
     gaussian_noise,
     shift_left,
     uniform_noise,
 )
+from pipeline.draft.registry import DraftHead, register
 
 
 @dataclass
-class Eagle1Config(DraftConfigMixin):
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    vocab_size: int
-    max_position_embeddings: int
+class Eagle1Config(DraftShape):
     hidden_act: str = "silu"
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -125,8 +119,9 @@ class Eagle1Draft(nn.Module):
         return out
 
     def step(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
-             cache: KVCache | None, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Inference: (predicted features ``[B, N, H]``, logits over the target vocab ``[B, N, V]``).
+             cache: KVCache | None, mask: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Inference: (predicted features ``[B, N, H]``, logits over the target vocab ``[B, N, V]``; with
+        ``last_only`` the logits of the last row only, ``[B, 1, V]``: the vocabulary-sized product dominates a step).
 
         A chain of ``k`` drafts after the target has verified up to position ``p``:
 
@@ -141,7 +136,7 @@ class Eagle1Draft(nn.Module):
         Tree drafting: build masks over the tree's ancestors and use ``cache.select`` to keep the accepted path.
         """
         out = self.forward(hidden, input_ids, position_ids, mask, cache)
-        return out, self.lm_head(out)
+        return out, self.lm_head(out[:, -1:] if last_only else out)
 
     @torch.no_grad()
     def generate_chain(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -202,7 +197,7 @@ def training_loss(model: Eagle1Draft, batch: dict[str, torch.Tensor],
     x = f
     if model.training and obj.noise != "none":
         x = add_noise(f, obj.noise, obj.noise_std, doc, obj.noise_scale_by_length)
-    pred = model(x, rows["tokens"], pos, doc_causal_mask(doc))
+    pred = model(x, rows["tokens"], pos, DocCausal(doc))  # lazy mask: attention memory linear in T
     # Losses only on counted rows: the vocabulary-sized lm_head work is most of the step's compute.
     counted = rows["counted"]
     pred_c = pred[counted]
@@ -251,3 +246,49 @@ def chain_acceptance(model: Eagle1Draft, batch: dict[str, torch.Tensor], steps: 
         head_in = batch["hidden_last"].to(model.lm_head.weight.dtype)
         targets = [model.lm_head(shift_left(head_in, 1 + i)).argmax(-1) for i in range(steps)]
     return greedy_chain_acceptance(batch, drafts, targets, require_greedy_prefix)
+
+
+# ---- the head's registry entry ---------------------------------------------------------------------------------
+
+
+class Eagle1Head(DraftHead):
+    """EAGLE-1: last hidden state in, next feature out; the target's lm_head reads it."""
+
+    name = "eagle1"
+    config_class = Eagle1Config
+    module_class = Eagle1Draft
+    vllm_method = "eagle"
+    CHAIN_STEPS: ClassVar[int] = 5  # drafting depth simulated for the held-out τ (its default serving depth)
+
+    def required_fields(self, cfg: Any) -> tuple[str, ...]:
+        # the vloss target is the stored last hidden state in both target modes
+        return ("hidden_last",) if cfg.target == "full" else ("hidden_last", "topk_ids", "topk_logprobs")
+
+    def build(self, cfg: Any, reader: Any) -> tuple[nn.Module, Eagle1Objective, dict]:
+        target_name = reader.fingerprint["model"].get("path") or reader.fingerprint["model"]["name"]
+        config = self.config_class.from_target(reader.target_config(), target_name=target_name)
+        model = self.module_class(config)
+        model.load_target_weights(reader.target_weights())
+        objective = Eagle1Objective(v_weight=cfg.v_weight, p_weight=cfg.p_weight, noise=cfg.noise or "uniform",
+                                    noise_std=cfg.noise_std, noise_scale_by_length=cfg.noise_scale_by_length,
+                                    target=cfg.target)  # fmt: skip
+        return model, objective, {"variant": self.name, "config": config.to_dict()}
+
+    loss = staticmethod(training_loss)
+    chain_acceptance = staticmethod(chain_acceptance)
+
+    def chain_steps(self, cfg: Any) -> int:
+        return self.CHAIN_STEPS
+
+    def row_inputs(self, model, hidden_states, aux_layer_ids, rows):
+        h = hidden_states[-1]  # HF's last hidden state is post-norm, as stored in hidden_last
+        return (h if rows is None else h[:, rows]).to(model.fc.weight.dtype)
+
+    def export_layout(self, model, config, fmt, body, dtype, num_speculative_tokens):
+        if config.fc_bias:
+            raise ValueError("vLLM's EAGLE-1 loader builds fc without bias; train with fc_bias=False to export")
+        prefix = "layers.0."
+        return {"architectures": ["LlamaForCausalLM"], **body}, export_weights(model, "layers.0.", prefix, dtype), prefix
+
+
+register(Eagle1Head())

@@ -27,6 +27,7 @@ step (``loss_mask`` and ``t2d[argmax target]``).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ import torch
 from torch import nn
 
 from pipeline.draft.common import (
-    DraftConfigMixin,
+    DraftShape,
     acceptance_length,
     check_overrides,
     greedy_chain_acceptance,
@@ -48,6 +49,7 @@ from pipeline.draft.common import (
     unroll_chain,
 )
 from pipeline.draft.eagle1 import add_noise
+from pipeline.draft.export import aux_layers_are_default, export_weights, speculators_config
 from pipeline.draft.layers import (
     DecoderLayer,
     KVCache,
@@ -57,18 +59,11 @@ from pipeline.draft.layers import (
     causal_mask,
     shift_left,
 )
+from pipeline.draft.registry import DraftHead, register
 
 
 @dataclass
-class Eagle3Config(DraftConfigMixin):
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    vocab_size: int
-    max_position_embeddings: int
+class Eagle3Config(DraftShape):
     aux_layer_ids: list[int] = field(default_factory=list)  # HF output_hidden_states indices, from the store
     draft_vocab_size: int = 32000
     target_hidden_size: int = 0  # hidden size of each aux feature (0: = hidden_size)
@@ -189,6 +184,16 @@ class Eagle3Draft(nn.Module):
             head = weights.get("lm_head.weight", weights["embed_tokens.weight"])
             self.target_lm_head = head.detach().to(self.embed_tokens.weight.dtype).clone()
 
+    def init_head_from_target(self, weights: dict[str, torch.Tensor]) -> None:
+        """Start ``lm_head`` from the target's lm_head rows of the draft vocabulary and ``norm`` from the target's
+        final norm (speculators' initialisation; EAGLE and SpecForge start both from scratch)."""
+        head = weights.get("lm_head.weight", weights["embed_tokens.weight"])
+        used = torch.arange(self.d2t.shape[0]) + self.d2t.cpu()
+        with torch.no_grad():
+            self.lm_head.weight.copy_(head[used].to(self.lm_head.weight.dtype))
+            if "norm.weight" in weights:
+                self.norm.weight.copy_(weights["norm.weight"].to(self.norm.weight.dtype))
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -224,8 +229,9 @@ class Eagle3Draft(nn.Module):
         return run_layer(self, self.midlayer, hidden, cos, sin, attend_to, emb)
 
     def step(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
-             cache: KVCache | None, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        """Inference: (pre-norm output ``[B, N, H]``, draft-vocab logits ``[B, N, draft_vocab]``).
+             cache: KVCache | None, mask: torch.Tensor, last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Inference: (pre-norm output ``[B, N, H]``, draft-vocab logits ``[B, N, draft_vocab]``; with ``last_only``
+        those of the last row only).
 
         ``hidden`` is ``fuse(aux)`` for rows the target computed, or a previous pre-norm output for drafted
         rows. ``mask``: bool ``[B, N, S]`` / ``[N, S]`` over (cached + new) keys; new keys go into ``cache``.
@@ -242,7 +248,7 @@ class Eagle3Draft(nn.Module):
         Tree drafting: masks over each node's ancestors, ``cache.select`` to keep the accepted branch.
         """
         out, _, _ = self._layer(hidden, input_ids, position_ids, cache_attend_to(cache, 0, mask))
-        return out, self.logits(out)
+        return out, self.logits(out[:, -1:] if last_only else out)
 
     @torch.no_grad()
     def generate_chain(self, aux: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor,
@@ -373,3 +379,88 @@ def chain_acceptance(model: Eagle3Draft, batch: dict[str, torch.Tensor], steps: 
     return greedy_chain_acceptance(
         batch, [model.draft_to_target(model.logits(h).argmax(-1)) for h in outs],
         [_step_target(model, batch, i, target)[0] for i in range(steps)], require_greedy_prefix)
+
+
+# ---- the head's registry entry ---------------------------------------------------------------------------------
+
+
+class Eagle3Head(DraftHead):
+    """EAGLE-3: fused aux-layer features in, its own norm + lm_head over a draft vocabulary out."""
+
+    name = "eagle3"
+    config_class = Eagle3Config
+    module_class = Eagle3Draft
+    layer_prefix = "midlayer."
+    export_formats = ("vllm", "speculators")
+    vllm_method = "eagle3"
+
+    def required_fields(self, cfg: Any) -> tuple[str, ...]:
+        return ("hidden_aux", "hidden_last") if cfg.target == "full" else ("hidden_aux", "topk_ids", "topk_logprobs")
+
+    def build(self, cfg: Any, reader: Any) -> tuple[nn.Module, Eagle3Objective, dict]:
+        weights = reader.target_weights()
+        config = self.config_class.from_store(reader, cfg.draft_vocab_size)
+        model = self.module_class(config)
+        d2t, t2d, coverage = build_draft_vocab(reader.token_counts(), config.draft_vocab_size)
+        model.set_vocab(d2t, t2d)
+        model.load_target_weights(weights, target_head=cfg.target == "full")
+        if cfg.head_init == "target":
+            model.init_head_from_target(weights)
+        elif cfg.head_init != "random":
+            raise ValueError(f"--head-init {cfg.head_init!r}: choose random or target")
+        objective = Eagle3Objective(ttt_steps=cfg.ttt_steps, step_decay=cfg.step_decay, target=cfg.target,
+                                    noise=cfg.noise or "none", noise_std=cfg.noise_std,
+                                    noise_scale_by_length=cfg.noise_scale_by_length)  # fmt: skip
+        return model, objective, {"variant": self.name, "config": config.to_dict(),
+                                  "draft_vocab_size": config.draft_vocab_size, "draft_vocab_coverage": coverage}  # fmt: skip
+
+    loss = staticmethod(training_loss)
+    chain_acceptance = staticmethod(chain_acceptance)
+
+    def chain_steps(self, cfg: Any) -> int:
+        return cfg.ttt_steps
+
+    def row_inputs(self, model, hidden_states, aux_layer_ids, rows):
+        def take(h: torch.Tensor) -> torch.Tensor:
+            return h if rows is None else h[:, rows]
+
+        # fc over the aux layers concatenated in the stored order (hidden_aux.reshape(T, A*H) of the store)
+        return model.fuse(torch.cat([take(hidden_states[i]) for i in aux_layer_ids], dim=-1))
+
+    def draft_step(self, model, hidden, ids, positions, cache, mask, last_only):
+        out, logits = model.step(hidden, ids, positions, cache, mask, last_only=last_only)
+        return out, model.target_logits(logits)  # -inf outside the draft vocabulary
+
+    def optional_weights(self, config: Eagle3Config) -> set[str]:
+        # A full-size draft vocabulary is exported without its (identity) maps; the module's defaults are those.
+        return super().optional_weights(config) | ({"d2t", "t2d"} if config.draft_vocab_size == config.vocab_size else set())
+
+    def export_layout(self, model, config, fmt, body, dtype, num_speculative_tokens):
+        ids = list(config.aux_layer_ids)
+        if len(ids) != 3:
+            warnings.warn(f"{len(ids)} aux layers: vLLM and SGLang size fc for exactly 3", stacklevel=3)
+        if ids != sorted(set(ids)):
+            # Engines capture each layer once, in layer order, and concatenate in that order.
+            warnings.warn(f"aux layer ids {ids} are not strictly increasing: vLLM/SGLang would feed fc the "
+                          "features in ascending layer order (and once per layer)", stacklevel=3)  # fmt: skip
+        common = {"draft_vocab_size": config.draft_vocab_size, "target_hidden_size": config.target_hidden_size,
+                  "norm_before_residual": False}  # fmt: skip
+        # Left out when default: SGLang before PR #25454 would shift explicit ids by one (export module docstring).
+        aux_ids = {} if aux_layers_are_default(config) else {"eagle_aux_hidden_state_layer_ids": ids}
+        if fmt == "vllm":  # export_draft checked fmt against export_formats
+            prefix = "midlayer."
+            cfg = {"architectures": ["LlamaForCausalLMEagle3"], **body, **common,
+                   "eagle_config": {**aux_ids, "use_aux_hidden_state": True}}  # fmt: skip
+        else:
+            prefix = "layers.0."
+            cfg = speculators_config(config, body, common, aux_ids, num_speculative_tokens)
+        weights = export_weights(model, "midlayer.", prefix, dtype)
+        if config.draft_vocab_size == config.vocab_size:  # identity maps: vLLM refuses a d2t then
+            weights.pop("d2t", None)
+            weights.pop("t2d", None)
+        if fmt == "speculators":  # speculators' loader would leave its embedding at zeros without it
+            weights["embed_tokens.weight"] = model.embed_tokens.weight.detach().cpu().to(dtype).contiguous()
+        return cfg, weights, prefix
+
+
+register(Eagle3Head())

@@ -35,9 +35,17 @@ Formats (``fmt``) and the public loaders they were matched against (read Aug 202
   false`` (vLLM's adapter defaults it to *true* when absent). Weights as above with ``layers.0.*`` instead of
   ``midlayer.*``.
 
-Aux layer ids are written as stored: HF ``output_hidden_states`` indices = the input of decoder layer ``i`` =
-vLLM's layer id ``i``. SGLang before PR #25454 (May 2026) added 1 to explicit ids (it read them as "output of
-layer i"); current SGLang only does so when the first id is 1.
+Aux layer ids are HF ``output_hidden_states`` indices = the input of decoder layer ``i`` = vLLM's layer id
+``i``. SGLang before PR #25454 (May 2026) added 1 to explicit ids (it read them as "output of layer i"); current
+SGLang only does so when the first id is 1. So when the ids are the engines' shared default ``{2, N//2, N-3}``
+the field is left out (every engine then uses its default, which is exactly those layers), and otherwise
+:func:`aux_layer_note` says, in the export's output, which engines read them how.
+
+Vocabulary maps: a draft vocabulary as large as the target's has no ``d2t``/``t2d`` (vLLM's ``llama_eagle3`` then
+builds no ``draft_id_to_target_id`` and refuses a ``d2t`` weight). ``--format speculators`` carries the (frozen,
+target-identical) ``embed_tokens.weight`` in ``model.safetensors``: speculators' own
+``Eagle3DraftModel.from_pretrained`` otherwise leaves its embedding all zeros (without a warning); vLLM loads it
+when present and shares the target's otherwise.
 
 Rope fields are written from the target's config (normalised ``rope_parameters`` plus the legacy ``rope_theta``
 / ``rope_scaling`` pair older loaders read), so the served draft rotates exactly as it was trained.
@@ -52,17 +60,16 @@ Our own metadata sits under the single extra key ``"pipeline"`` (ignored by ever
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from pipeline import __version__
-from pipeline.draft.eagle1 import Eagle1Config, Eagle1Draft
-from pipeline.draft.eagle3 import Eagle3Config, Eagle3Draft
 from pipeline.draft.layers import rope_parameters
+from pipeline.draft.registry import get, head_of
 from pipeline.store import config_sha256
 
 EXPORT_FORMAT_VERSION = 1
@@ -83,7 +90,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _llama_body(config: Eagle1Config | Eagle3Config, dtype: torch.dtype) -> dict[str, Any]:
+def _llama_body(config: Any, dtype: torch.dtype) -> dict[str, Any]:
     """The HF Llama fields of a one-layer draft (sizes, rope and eps identical to the target's)."""
     body: dict[str, Any] = {
         "model_type": "llama",
@@ -112,9 +119,8 @@ def _llama_body(config: Eagle1Config | Eagle3Config, dtype: torch.dtype) -> dict
     return body
 
 
-def _metadata(config: Eagle1Config | Eagle3Config, fmt: str, prefix: str, sidecar: bool, extra: dict | None) -> dict:
+def _metadata(config: Any, fmt: str, prefix: str, sidecar: bool, extra: dict | None, needs: list[str]) -> dict:
     tc = config.target_config
-    needs = ["embed_tokens.weight"] + (["lm_head.weight"] if config.variant == "eagle1" else [])
     return {
         "format_version": EXPORT_FORMAT_VERSION,
         "code_version": __version__,
@@ -127,13 +133,15 @@ def _metadata(config: Eagle1Config | Eagle3Config, fmt: str, prefix: str, sideca
                    "vocab_size": config.vocab_size},  # fmt: skip
         "aux_layer_ids": getattr(config, "aux_layer_ids", None),
         "aux_layer_convention": "hf_output_hidden_states_index",
+        "aux_layer_note": aux_layer_note(config),
         "needs_target_weights": needs,
         "target_weights_file": SIDECAR_FILE if sidecar else None,
         "extra": extra or {},
     }
 
 
-def _weights(model: Eagle1Draft | Eagle3Draft, prefix_from: str, prefix_to: str, dtype: torch.dtype) -> dict:
+def export_weights(model: nn.Module, prefix_from: str, prefix_to: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The head's trained state (``draft_state_dict``) in ``dtype`` (floats only), ``prefix_from`` keys renamed."""
     out = {}
     for k, v in model.draft_state_dict().items():
         if k.startswith(prefix_from):
@@ -143,7 +151,7 @@ def _weights(model: Eagle1Draft | Eagle3Draft, prefix_from: str, prefix_to: str,
     return out
 
 
-def export_draft(model: Eagle1Draft | Eagle3Draft, config: Eagle1Config | Eagle3Config | None, out_dir: str | Path,
+def export_draft(model: nn.Module, config: Any | None, out_dir: str | Path,
                  fmt: str = "vllm", extra: dict | None = None, *, include_embeddings: bool = True,
                  dtype: torch.dtype | None = None, num_speculative_tokens: int = 3) -> Path:  # fmt: skip
     """Write ``config.json`` + ``model.safetensors`` (+ the target-weights sidecar) into ``out_dir``.
@@ -152,80 +160,77 @@ def export_draft(model: Eagle1Draft | Eagle3Draft, config: Eagle1Config | Eagle3
     proposal length recorded in the speculators config (vLLM uses it as the default ``num_speculative_tokens``).
     """
     config = config or model.config
+    head = head_of(model)
+    if fmt not in head.export_formats:
+        raise ValueError(f"{head.name} heads export as {' or '.join(head.export_formats)}, not --format {fmt}")
+    dtype = dtype or next(v.dtype for v in model.draft_state_dict().values() if v.is_floating_point())
+    body = _llama_body(config, dtype)
+    cfg, weights, prefix = head.export_layout(model, config, fmt, body, dtype, num_speculative_tokens)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = dtype or model.fc.weight.dtype
-    body = _llama_body(config, dtype)
-
-    if isinstance(model, Eagle1Draft):
-        if fmt != "vllm":
-            raise ValueError(f"EAGLE-1 exports only fmt='vllm', not {fmt!r}")
-        if config.fc_bias:
-            raise ValueError("vLLM's EAGLE-1 loader builds fc without bias; train with fc_bias=False to export")
-        prefix = "layers.0."
-        cfg = {"architectures": ["LlamaForCausalLM"], **body}
-        weights = _weights(model, "layers.0.", prefix, dtype)
-    elif isinstance(model, Eagle3Draft):
-        ids = list(config.aux_layer_ids)
-        if len(ids) != 3:
-            warnings.warn(f"{len(ids)} aux layers: vLLM and SGLang size fc for exactly 3", stacklevel=2)
-        if ids != sorted(set(ids)):
-            # Engines capture each layer once, in layer order, and concatenate in that order.
-            warnings.warn(f"aux layer ids {ids} are not strictly increasing: vLLM/SGLang would feed fc the "
-                          "features in ascending layer order (and once per layer)", stacklevel=2)  # fmt: skip
-        common = {"draft_vocab_size": config.draft_vocab_size, "target_hidden_size": config.target_hidden_size,
-                  "norm_before_residual": False}  # fmt: skip
-        if fmt == "vllm":
-            prefix = "midlayer."
-            cfg = {"architectures": ["LlamaForCausalLMEagle3"], **body, **common,
-                   "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(config.aux_layer_ids),
-                                    "use_aux_hidden_state": True}}  # fmt: skip
-        elif fmt == "speculators":
-            prefix = "layers.0."
-            tc = config.target_config
-            cfg = {
-                "architectures": ["Eagle3Speculator"],
-                "speculators_model_type": "eagle3",
-                "speculators_version": SPECULATORS_VERSION,
-                "speculators_config": {
-                    "algorithm": "eagle3",
-                    "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": num_speculative_tokens,
-                                          "verifier_accept_k": 1, "accept_tolerance": 0.0}],
-                    "default_proposal_method": "greedy",
-                    "verifier": {"name_or_path": config.target_name,
-                                 "architectures": list(tc.get("architectures") or ["LlamaForCausalLM"])},
-                },
-                "transformer_layer_config": body,
-                **common,
-                "eagle_aux_hidden_state_layer_ids": list(config.aux_layer_ids),
-                "norm_before_fc": False,
-                "fc_norm": False,
-                "norm_output": False,
-                "embed_requires_grad": False,
-                "torch_dtype": body["torch_dtype"],
-                "dtype": body["dtype"],
-            }  # fmt: skip
-        else:
-            raise ValueError(f"EAGLE-3 exports fmt='vllm' or 'speculators', not {fmt!r}")
-        weights = _weights(model, "midlayer.", prefix, dtype)
-    else:
-        raise TypeError(f"not a draft model: {type(model).__name__}")
-
-    cfg["pipeline"] = _metadata(config, fmt, prefix, include_embeddings, extra)
+    cfg["pipeline"] = _metadata(config, fmt, prefix, include_embeddings, extra, list(head.target_pieces(model)))
     save_file(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     if include_embeddings:
         (out / SIDECAR_FILE).parent.mkdir(parents=True, exist_ok=True)
-        shared = {"embed_tokens.weight": model.embed_tokens.weight}
-        if isinstance(model, Eagle1Draft):
-            shared["lm_head.weight"] = model.lm_head.weight
+        shared = head.target_pieces(model)
         save_file({k: v.detach().cpu().contiguous() for k, v in shared.items()}, str(out / SIDECAR_FILE),
                   metadata={"format": "pt"})  # fmt: skip
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return out
 
 
+def speculators_config(config: Any, body: dict, common: dict, aux_ids: dict, num_speculative_tokens: int) -> dict:
+    """An EAGLE-3 ``config.json`` in speculators' schema (module docstring) around the Llama ``body``."""
+    tc = config.target_config
+    return {
+        "architectures": ["Eagle3Speculator"],
+        "speculators_model_type": "eagle3",
+        "speculators_version": SPECULATORS_VERSION,
+        "speculators_config": {
+            "algorithm": "eagle3",
+            "proposal_methods": [{"proposal_type": "greedy", "speculative_tokens": num_speculative_tokens,
+                                  "verifier_accept_k": 1, "accept_tolerance": 0.0}],
+            "default_proposal_method": "greedy",
+            "verifier": {"name_or_path": config.target_name,
+                         "architectures": list(tc.get("architectures") or ["LlamaForCausalLM"])},
+        },
+        "transformer_layer_config": body,
+        **common,
+        **aux_ids,
+        "norm_before_fc": False,
+        "fc_norm": False,
+        "norm_output": False,
+        "embed_requires_grad": False,
+        "torch_dtype": body["torch_dtype"],
+        "dtype": body["dtype"],
+    }  # fmt: skip
+
+
+def engine_default_aux_layers(num_layers: int) -> list[int]:
+    """vLLM's and SGLang's EAGLE-3 default aux layers for an N-layer target: ``(2, N//2, N-3)``."""
+    return [2, num_layers // 2, num_layers - 3]
+
+
+def aux_layers_are_default(config: Any) -> bool:
+    n = int(config.target_config.get("num_hidden_layers", -1))
+    return list(config.aux_layer_ids) == engine_default_aux_layers(n)
+
+
+def aux_layer_note(config: Any) -> str | None:
+    """What an export's user must know about the aux layer ids (None: nothing, e.g. EAGLE-1, which reads none)."""
+    if not getattr(config, "aux_layer_ids", None):
+        return None
+    ids = list(config.aux_layer_ids)
+    if aux_layers_are_default(config):
+        return (f"aux layers {ids} are the engines' default (2, N//2, N-3): the field is left out, so vLLM, SGLang "
+                "(every version) and speculators each use their default, which is these layers")  # fmt: skip
+    return (f"aux layers {ids} (HF hidden-state indices = inputs of decoder layers {ids}) are written out: vLLM and "
+            f"SGLang after PR #25454 read them as written; SGLang before that PR adds 1 to each id and would feed "
+            f"{[i + 1 for i in ids]}: serve with a newer SGLang or retrain on the default (2, N//2, N-3)")  # fmt: skip
+
+
 def load_export(path: str | Path, target_weights: dict[str, torch.Tensor] | None = None,
-                dtype: torch.dtype = torch.float32) -> tuple[Eagle1Draft | Eagle3Draft, dict]:  # fmt: skip
+                dtype: torch.dtype = torch.float32) -> tuple[nn.Module, dict]:  # fmt: skip
     """Rebuild the module of an :func:`export_draft` directory; returns (model in eval mode, metadata).
 
     The frozen target pieces come from ``target_weights`` (e.g. ``StoreReader.target_weights()``) or else from
@@ -238,22 +243,19 @@ def load_export(path: str | Path, target_weights: dict[str, torch.Tensor] | None
         raise ValueError(f"{root}: not a pipeline export (no 'pipeline' key in config.json)")
     if meta["format_version"] > EXPORT_FORMAT_VERSION:
         raise ValueError(f"{root}: export format {meta['format_version']} is newer than this code")
-    if meta["variant"] == "eagle1":
-        config = Eagle1Config.from_dict(meta["draft_config"])
-        model: Eagle1Draft | Eagle3Draft = Eagle1Draft(config)
-        native = "layers.0."
-    elif meta["variant"] == "eagle3":
-        config = Eagle3Config.from_dict(meta["draft_config"])
-        model = Eagle3Draft(config)
-        native = "midlayer."
-    else:
-        raise ValueError(f"{root}: unknown variant {meta['variant']!r}")
+    try:
+        head = get(meta["variant"])
+    except ValueError as e:
+        raise ValueError(f"{root}: {e}") from e
+    model = head.from_config(meta["draft_config"])
+    config, native = model.config, head.layer_prefix
 
     prefix = meta["layer_prefix"]
     state = {(native + k[len(prefix):] if k.startswith(prefix) else k): v
              for k, v in load_file(str(root / WEIGHTS_FILE)).items()}  # fmt: skip
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in model.FROZEN]
+    optional = head.optional_weights(config)
+    missing = [k for k in missing if k not in optional]
     if missing or unexpected:
         raise ValueError(f"{root}: weights do not match the config (missing {missing}, unexpected {unexpected})")
 

@@ -5,6 +5,9 @@ Written for clarity and exact control over attention (nanoGPT / gpt-fast style),
 * attention takes explicit position ids and an explicit list of key/value *blocks*, each with its own boolean
   mask, so one primitive serves a KV cache (inference), block-diagonal causal packing (training) and the TTT
   "diagonal" keys of EAGLE-3 (a key that only the query at the same row may see);
+* training masks stay lazy (:class:`DocCausal`: the document ids, not a ``[T, T]`` tensor), and :func:`attend`
+  then works through query chunks, each recomputed in backward, so memory grows linearly with T (the CPU keeps
+  one dense chunk while it fits 4 GiB: faster there; see :func:`attention_impl`);
 * rotary embeddings are built from the *target's* HF config dict through transformers' own rope init functions,
   so every rope type/scaling the target uses (default, linear, dynamic, yarn, longrope, llama3, ...) is matched;
 * module/parameter names are the ones the serving loaders expect (``self_attn.q_proj`` ..., ``mlp.gate_proj`` ...,
@@ -16,12 +19,15 @@ Masks are boolean, ``True`` = "may attend". Compute is fp32 on CPU (bf16 matmuls
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.compute import rms_normalize
 
 # Keys a LlamaConfig must not receive when we only need its rope fields (they name other model classes or
 # carry state LlamaConfig would try to validate).
@@ -38,10 +44,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * rms_normalize(x, self.eps)
 
 
 def rope_llama_config(target_config: dict, *, head_dim: int | None = None):
@@ -65,12 +68,29 @@ def rope_parameters(target_config: dict) -> dict:
     return dict(params)
 
 
+def rope_exact_length(target_config: dict) -> tuple[str, int] | None:
+    """``(rope_type, n)`` for rope types whose frequencies transformers changes at run time with the length of the
+    forward (``dynamic`` recomputes them, ``longrope`` switches to its long factors, beyond ``n`` tokens): the draft's
+    :class:`RotaryEmbedding` matches the target for sequences of at most ``n`` tokens only. None for static types.
+    (Beyond ``n`` the target's frequencies depend on how long each whole forward was, e.g. on the padded batch at
+    extraction, which a packed-row draft cannot reproduce.)"""
+    params = rope_parameters(target_config)
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "longrope":
+        n = params.get("original_max_position_embeddings") or target_config.get("original_max_position_embeddings")
+        return rope_type, int(n or target_config.get("max_position_embeddings", 2048))
+    if "dynamic" in rope_type:
+        return rope_type, int(target_config.get("max_position_embeddings", 2048))
+    return None
+
+
 class RotaryEmbedding(nn.Module):
     """RoPE cos/sin for explicit position ids, frequencies from transformers' ``ROPE_INIT_FUNCTIONS``.
 
     Dynamic variants (``dynamic``, ``longrope``) use the frequencies transformers computes at init (those for
     sequences up to ``max_position_embeddings`` / ``original_max_position_embeddings``); the runtime switch
-    transformers applies beyond that length is not replicated.
+    transformers applies beyond that length is not replicated, and training refuses stores holding longer samples
+    for such targets (:func:`rope_exact_length`).
     """
 
     def __init__(self, target_config: dict, head_dim: int):
@@ -108,26 +128,103 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @dataclass
+class DocCausal:
+    """The block-diagonal causal mask of packed rows, kept as document ids: :func:`doc_causal_mask` without its
+    ``[B, T, T]`` tensor. Query row ``t`` may see key row ``r`` iff both lie in document ``doc_ids[t] >= 0`` and
+    ``r <= t``."""
+
+    doc_ids: torch.Tensor  # [B, T]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        b, t = self.doc_ids.shape
+        return b, t, t
+
+    def dense(self) -> torch.Tensor:
+        return doc_causal_mask(self.doc_ids)
+
+    def rows(self, lo: int, hi: int, key_lo: int, key_hi: int) -> torch.Tensor:
+        """``dense()[:, lo:hi, key_lo:key_hi]`` without building the rest."""
+        dq, dk = self.doc_ids[:, lo:hi, None], self.doc_ids[:, None, key_lo:key_hi]
+        qi = torch.arange(lo, hi, device=dq.device)[:, None]
+        ki = torch.arange(key_lo, key_hi, device=dq.device)[None, :]
+        return (dq == dk) & (dq >= 0) & (ki <= qi)
+
+    def first_key(self, lo: int, hi: int) -> int:
+        """The first key row any query in ``[lo, hi)`` may see: the earliest first row of their documents."""
+        doc = self.doc_ids
+        b, t = doc.shape
+        if not hasattr(self, "_first"):  # per row: the first row of its document (O(T), once per mask)
+            ids = doc.clamp_min(0)
+            rows = torch.arange(t, device=doc.device).expand(b, t)
+            first = torch.full((b, int(ids.max()) + 1 if t else 1), t, dtype=torch.long, device=doc.device)
+            first = first.scatter_reduce(1, ids, rows, "amin")
+            self._first = torch.where(doc >= 0, first.gather(1, ids), t)
+        return min(int(self._first[:, lo:hi].min()), lo) if hi > lo else lo
+
+
+@dataclass
 class KVBlock:
     """A set of keys/values and which queries may see them.
 
-    ``k``/``v``: ``[B, n_kv, S, d]``. ``mask``: bool, ``[B, N, S]`` or ``[N, S]`` (broadcast over the batch).
-    ``diagonal=True``: ``S == N`` and key ``s`` belongs to query ``s`` only (EAGLE-3's TTT keys); ``mask`` is then
-    ``[B, N]`` (or ``[N]``) and says whether that one key exists.
+    ``k``/``v``: ``[B, n_kv, S, d]``. ``mask``: bool, ``[B, N, S]`` or ``[N, S]`` (broadcast over the batch), or a
+    lazy :class:`DocCausal` (``S == N``). ``diagonal=True``: ``S == N`` and key ``s`` belongs to query ``s`` only
+    (EAGLE-3's TTT keys); ``mask`` is then ``[B, N]`` (or ``[N]``) and says whether that one key exists.
     """
 
     k: torch.Tensor
     v: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | DocCausal
     diagonal: bool = False
+
+
+IMPLS = ("auto", "dense", "chunked", "flex")
+# Bytes of fp32 scores one attention chunk may hold (scores, probabilities and their masked copy); queries
+# are cut into chunks that fit, each recomputed in backward. Rows whose scores fit at once stay one chunk.
+CHUNK_SCORE_BYTES = int(os.environ.get("PIPELINE_ATTENTION_CHUNK_BYTES", 256 << 20))
+# On the CPU one dense chunk is faster (1.3-1.5x at T = 1,024-2,048, bench/attention.py): kept up to this size.
+CPU_DENSE_SCORE_BYTES = int(os.environ.get("PIPELINE_ATTENTION_CPU_DENSE_BYTES", 4 << 30))
+
+
+def attention_impl(q: torch.Tensor, blocks: Sequence[KVBlock]) -> str:
+    """The path :func:`attend` takes (``PIPELINE_ATTENTION`` = auto|dense|chunked|flex overrides ``auto``).
+
+    Cache masks (inference) always go ``dense``. Training blocks (a lazy :class:`DocCausal` block, then TTT
+    diagonals) under ``auto``: ``chunked`` — query chunks whose scores fit ``CHUNK_SCORE_BYTES``, one chunk when
+    all fit — except on the CPU while all scores fit ``CPU_DENSE_SCORE_BYTES``, where ``dense`` is faster.
+    ``flex`` (opt-in, CUDA): one FlexAttention call over step-0 keys and TTT diagonals with a block mask.
+    """
+    impl = os.environ.get("PIPELINE_ATTENTION", "auto")
+    if impl not in IMPLS:
+        raise ValueError(f"PIPELINE_ATTENTION={impl!r}: choose one of {', '.join(IMPLS)}")
+    lazy = isinstance(blocks[0].mask, DocCausal) and not blocks[0].diagonal
+    structured = lazy and all(b.diagonal for b in blocks[1:])
+    if not structured:
+        return "dense"
+    if impl == "auto":
+        n = q.shape[2]
+        cpu_dense = q.device.type == "cpu" and n * _score_bytes_per_row(q, n + len(blocks) - 1) <= CPU_DENSE_SCORE_BYTES
+        return "dense" if cpu_dense else "chunked"
+    return impl
 
 
 def attend(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
     """Grouped-query softmax attention of ``q [B, n_heads, N, d]`` over the union of ``blocks``.
 
     One softmax spans all blocks. A query that may see no key outputs zeros instead of NaN (such queries are
-    padding; NaN would leak into a masked loss through ``0 * NaN``).
+    padding; NaN would leak into a masked loss through ``0 * NaN``). Training blocks (a lazy :class:`DocCausal`
+    block, then TTT diagonals) take the path :func:`attention_impl` names; every path computes the same function.
     """
+    impl = attention_impl(q, blocks)
+    if impl == "chunked":
+        return _attend_chunked(q, blocks)
+    if impl == "flex":
+        return _attend_flex(q, blocks)
+    return _attend_dense(q, [KVBlock(b.k, b.v, b.mask.dense(), b.diagonal) if isinstance(b.mask, DocCausal)
+                             else b for b in blocks])  # fmt: skip
+
+
+def _attend_dense(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
     b, nh, n, d = q.shape
     nkv = blocks[0].k.shape[1]
     qg = q.reshape(b, nkv, nh // nkv, n, d).float() * d**-0.5
@@ -155,6 +252,83 @@ def attend(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
         v = blk.v.float()
         out = out + (p * v[:, :, None] if blk.diagonal else torch.einsum("bhgns,bhsd->bhgnd", p, v))
     return out.reshape(b, nh, n, d).to(q.dtype)
+
+
+def _score_bytes_per_row(q: torch.Tensor, keys: int) -> int:
+    b, nh = q.shape[:2]
+    return 3 * 4 * b * nh * max(keys, 1)  # fp32 scores, probabilities, masked scores
+
+
+def _chunk_rows(q: torch.Tensor, keys: int) -> int:
+    return max(1, min(q.shape[2], CHUNK_SCORE_BYTES // _score_bytes_per_row(q, keys)))
+
+
+def _attend_chunked(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
+    """Exact attention through query chunks over (step-0 keys of rows ``<=`` the chunk, diagonals of the chunk's
+    rows). Under autograd each chunk is recomputed in backward, so only one chunk's scores are ever alive."""
+    main, diags = blocks[0], blocks[1:]
+    mask: DocCausal = main.mask  # type: ignore[assignment]
+    n = q.shape[2]
+    rows = _chunk_rows(q, n + len(diags))  # a diagonal adds one key per query
+    if rows >= n:  # one chunk: the plain dense computation, nothing to recompute
+        return _attend_dense(q, [KVBlock(main.k, main.v, mask.dense()), *diags])
+    recompute = torch.is_grad_enabled() and (q.requires_grad or main.k.requires_grad)
+    outs = []
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        key_lo = mask.first_key(lo, hi)
+        sub = mask.rows(lo, hi, key_lo, hi)
+        own = [blk.mask.reshape(-1, n)[:, lo:hi] for blk in diags]
+        tensors = [q[:, :, lo:hi], main.k[:, :, key_lo:hi], main.v[:, :, key_lo:hi]]
+        for blk in diags:
+            tensors += [blk.k[:, :, lo:hi], blk.v[:, :, lo:hi]]
+
+        def chunk(*t, sub=sub, own=own):
+            ks = [KVBlock(t[1], t[2], sub)]
+            ks += [KVBlock(t[3 + 2 * j], t[4 + 2 * j], m, diagonal=True) for j, m in enumerate(own)]
+            return _attend_dense(t[0], ks)
+
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+
+            outs.append(checkpoint(chunk, *tensors, use_reentrant=False))
+        else:
+            outs.append(chunk(*tensors))
+    return torch.cat(outs, dim=2)
+
+
+_FLEX: dict = {}
+
+
+def _attend_flex(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
+    """FlexAttention over ``cat(step-0 keys, diagonal keys of steps 1..m)`` with a block mask built from the
+    document ids: no ``[T, T]`` tensor exists, and blocks that no query may see are skipped. Compiled on CUDA
+    (FlexAttention has no backward on the CPU; the CPU tests run it forward only)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    main, diags = blocks[0], blocks[1:]
+    doc = main.mask.doc_ids  # type: ignore[union-attr]
+    b, nh, n, d = q.shape
+    exists = torch.stack([blk.mask.reshape(-1, n).expand(b, n) for blk in diags], 1) if diags else None
+
+    def mask_mod(bi, hi, qi, ki):
+        step, r = ki // n, ki % n
+        seen = (doc[bi, qi] == doc[bi, r]) & (doc[bi, qi] >= 0) & (r <= qi)
+        if exists is None:
+            return seen
+        return torch.where(step == 0, seen, (r == qi) & exists[bi, (step - 1).clamp(min=0), qi])
+
+    keys = n * (1 + len(diags))
+    block_mask = create_block_mask(mask_mod, b, None, n, keys, device=q.device)
+    k = torch.cat([main.k, *[blk.k for blk in diags]], dim=2)
+    v = torch.cat([main.v, *[blk.v for blk in diags]], dim=2)
+    if q.device.type == "cuda":
+        fn = _FLEX.setdefault("compiled", torch.compile(flex_attention, dynamic=False))
+    else:
+        fn = flex_attention
+    out = fn(q, k.to(q.dtype), v.to(q.dtype), block_mask=block_mask, scale=d**-0.5, enable_gqa=True)
+    visible = (doc >= 0)[:, None, :, None]  # padding rows see nothing: zeros, as the other paths give
+    return out * visible
 
 
 # The caller decides what the new keys are attended together with: it receives the new (rotated) keys/values

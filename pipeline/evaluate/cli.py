@@ -7,15 +7,11 @@ from pathlib import Path
 
 import click
 
+from pipeline.evaluate.drafter import DraftSettings
+from pipeline.options import defaults
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+DRAFT = defaults(DraftSettings)  # chain/tree option defaults: one source
 
 
 @click.command("eval")
@@ -27,11 +23,11 @@ def _device(name: str):
 @click.option("--prompts", "prompts_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help='JSONL of {"prompt": str} | {"turns": [...]} | {"messages": [...]}.')  # fmt: skip
 @click.option("--limit", type=int, default=None, help="Evaluate the first N prompts only.")
-@click.option("--mode", type=click.Choice(["chain", "tree"]), default="chain", show_default=True)
-@click.option("--depth", type=int, default=5, show_default=True, help="Chain length / maximal tree depth.")
-@click.option("--top-k", type=int, default=8, show_default=True, help="Tree: children per expanded node.")
-@click.option("--total-tokens", type=int, default=60, show_default=True, help="Tree: drafted nodes verified.")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy (lossless check).")
+@click.option("--mode", type=click.Choice(["chain", "tree"]), default=DRAFT["mode"], show_default=True)
+@click.option("--depth", type=int, default=DRAFT["depth"], show_default=True, help="Chain length / maximal tree depth.")
+@click.option("--top-k", type=int, default=DRAFT["top_k"], show_default=True, help="Tree: children per expanded node.")
+@click.option("--total-tokens", type=int, default=DRAFT["total_tokens"], show_default=True, help="Tree: drafted nodes verified.")
+@click.option("--temperature", type=float, default=DRAFT["temperature"], show_default=True, help="0: greedy (lossless check).")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON report (a PNG is written next to it); default ./eval-<draft>-<mode>.json.")  # fmt: skip
@@ -41,11 +37,30 @@ def _device(name: str):
               help="Target and draft dtype (bf16/fp16 may flip near-tied argmaxes: not bit-exact).")  # fmt: skip
 @click.option("--compare", nargs=2, type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Print two reports side by side and exit.")  # fmt: skip
+@click.option("--policy", type=click.Choice(["adaptive", "fixed"]), default="adaptive", show_default=True,
+              help="adaptive: draft and verify only what pays for itself on this machine (--depth/--total-tokens "
+                   "are maxima); fixed: always --depth / --total-tokens.")  # fmt: skip
+@click.option("--costs", "costs_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Cost model JSON for --policy adaptive (default: measured once per machine, cached).")  # fmt: skip
+@click.option("--recalibrate", is_flag=True, help="Measure the cost model again (and cache it).")
+@click.option("--baselines", default="generate,prompt_lookup", show_default=True,
+              help="Also decode with these, same prompts, same run: generate, prompt_lookup ('' for none).")  # fmt: skip
+@click.option("--linears", type=click.Choice(["skinny", "stock"]), default="skinny", show_default=True,
+              help="skinny: on the CPU, the target's and draft's linears over few rows run as W @ x^T (verifying 4 "
+                   "tokens then costs ~1.15x one, not ~1.65x: bench/verify_cost.py); the baselines run the same "
+                   "model. stock: transformers' x @ W^T.")  # fmt: skip
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (default: torch's choice; on a busy CPU 1 can be much faster).")  # fmt: skip
+@click.option("--engine", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+              help="hf: the project's evaluator; vllm: the head served by vLLM's speculative decoding (chain, "
+              "num_speculative_tokens = --depth every step, i.e. --policy fixed), vLLM's own counters, against plain "
+              "vLLM decoding.")  # fmt: skip
+@click.option("--enforce-eager/--no-enforce-eager", default=None,
+              help="--engine vllm: no torch.compile / CUDA graphs (default: eager on vLLM's CPU build only).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def eval_command(draft_dir, model, bench, prompts_file, limit, mode, depth, top_k, total_tokens, temperature,
-                 max_new_tokens, report_path, seed, device, dtype, compare, threads, no_progress) -> None:  # fmt: skip
+                 max_new_tokens, report_path, seed, device, dtype, compare, policy, costs_file, recalibrate, baselines,
+                 linears, threads, engine, enforce_eager, no_progress) -> None:  # fmt: skip
     """Speculative decoding with a trained EAGLE draft head: tau, per-position acceptance, speedup, losslessness.
 
     tau counts tokens per target verification forward including the bonus token; the prefill forward and the
@@ -67,11 +82,31 @@ def eval_command(draft_dir, model, bench, prompts_file, limit, mode, depth, top_
         import torch
 
         torch.set_num_threads(threads)
+    if engine == "vllm":
+        from pipeline.extract.vllm_backend import VLLMEngineDied, VLLMNotInstalledError
+
+        if mode != "chain":
+            raise click.UsageError("--engine vllm evaluates chain drafting only (--mode chain)")
+        try:
+            report, path, png = evaluate_with_vllm(draft_dir, model=model, bench=bench, prompts=prompts_file,
+                                                   limit=limit, depth=depth, temperature=temperature,
+                                                   max_new_tokens=max_new_tokens, report_path=report_path, seed=seed,
+                                                   dtype=dtype, enforce_eager=enforce_eager,
+                                                   progress=not no_progress)  # fmt: skip
+        except (ValueError, FileNotFoundError, VLLMNotInstalledError, VLLMEngineDied) as e:
+            raise click.ClickException(str(e)) from e
+        from pipeline.evaluate.report import format_summary
+
+        click.echo(format_summary(report))
+        click.echo(f"report     {path}  (plot {png})")
+        return
     try:
         report, path, png = evaluate(draft_dir, model=model, bench=bench, prompts=prompts_file, limit=limit,
                                      mode=mode, depth=depth, top_k=top_k, total_tokens=total_tokens,
                                      temperature=temperature, max_new_tokens=max_new_tokens,
                                      report_path=report_path, seed=seed, device=device, dtype=dtype,
+                                     policy=policy, costs=costs_file, recalibrate=recalibrate,
+                                     baselines=_baselines(baselines), linears=linears,
                                      progress=not no_progress)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
@@ -81,33 +116,61 @@ def eval_command(draft_dir, model, bench, prompts_file, limit, mode, depth, top_
     click.echo(f"report     {path}  (plot {png})")
 
 
+def _baselines(value: str) -> tuple[str, ...]:
+    from pipeline.evaluate.runner import BASELINES
+
+    names = tuple(v.strip().replace("-", "_") for v in value.split(",") if v.strip())
+    unknown = set(names) - set(BASELINES)
+    if unknown:
+        raise click.BadParameter(f"unknown baseline(s) {sorted(unknown)}; choose from {', '.join(BASELINES)}")
+    return names
+
+
 def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: str | None = None,
-             prompts: str | Path | None = None, limit: int | None = None, mode: str = "chain", depth: int = 5,
-             top_k: int = 8, total_tokens: int = 60, temperature: float = 0.0, max_new_tokens: int = 256,
+             prompts: str | Path | None = None, limit: int | None = None, mode: str = DRAFT["mode"],
+             depth: int = DRAFT["depth"], top_k: int = DRAFT["top_k"], total_tokens: int = DRAFT["total_tokens"],
+             temperature: float = DRAFT["temperature"], max_new_tokens: int = 256,
              report_path: str | Path | None = None, seed: int = 0, device: str = "auto", dtype: str = "fp32",
+             policy: str = "adaptive", costs: str | Path | None = None, recalibrate: bool = False,
+             baselines: tuple[str, ...] | None = None, linears: str = "skinny",
              progress: bool = True) -> tuple[dict, Path, Path]:  # fmt: skip
     """The whole `pipeline eval` run; returns (report, JSON path, PNG path)."""
     import torch
 
     from pipeline import __version__
+    from pipeline.compute import pick_device
     from pipeline.evaluate.drafter import DraftSettings
     from pipeline.evaluate.prompts import load_conversations
     from pipeline.evaluate.report import build_report, write_report
-    from pipeline.evaluate.runner import check_pair, load_drafter, resolve_target_path, run_eval
-    from pipeline.evaluate.target import load_target, stop_token_ids
+    from pipeline.evaluate.runner import BASELINES, check_pair, load_drafter, resolve_target_path, run_eval
+    from pipeline.evaluate.target import load_target, skinny_linears, stop_token_ids
 
     settings = DraftSettings(mode=mode, depth=depth, top_k=top_k, total_tokens=total_tokens, temperature=temperature)
-    dev, torch_dtype = _device(device), getattr(torch, DTYPES[dtype])
+    dev, torch_dtype = pick_device(device), getattr(torch, DTYPES[dtype])
     drafter, meta = load_drafter(draft_dir, dev, torch_dtype)
     target_dir = resolve_target_path(meta, model)
     target, tokenizer = load_target(target_dir, dev, torch_dtype)
     config_match = check_pair(target, drafter, target_dir, meta)
+    if linears == "skinny":
+        skinny_linears(target)
+        skinny_linears(drafter.model)
+    elif linears != "stock":
+        raise ValueError(f"linears must be skinny|stock, not {linears!r}")
     conversations = load_conversations(bench, prompts, limit)
     stop_ids = stop_token_ids(tokenizer, getattr(target, "generation_config", None), target.config)
-    records = run_eval(target, tokenizer, drafter, conversations, settings, max_new_tokens, stop_ids, seed, progress)
+    budget = None
+    if policy == "adaptive":
+        from pipeline.evaluate.budget import Budget, load_costs
+
+        budget = Budget(load_costs(target, drafter, f"{dtype}-{linears}", costs, recalibrate))
+    elif policy != "fixed":
+        raise ValueError(f"policy must be adaptive|fixed, not {policy!r}")
+    baselines = BASELINES if baselines is None else baselines
+    records = run_eval(target, tokenizer, drafter, conversations, settings, max_new_tokens, stop_ids, seed, progress,
+                       budget=budget, baselines=baselines)  # fmt: skip
     report = build_report(
         records,
-        settings={**vars(settings), "max_new_tokens": max_new_tokens, "seed": seed, "device": str(dev),
+        settings={**vars(settings), "policy": policy, "linears": linears, "baselines": list(baselines), "max_new_tokens": max_new_tokens, "seed": seed, "device": str(dev),
                   "dtype": dtype, "cpu_threads": torch.get_num_threads(), "prompts": str(prompts) if prompts else (bench or "mt-bench"), "limit": limit,
                   "stop_token_ids": sorted(stop_ids), "code_version": __version__},
         draft={"path": str(Path(draft_dir).resolve()), "variant": meta["variant"], "fmt": meta.get("fmt"),
@@ -115,7 +178,34 @@ def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: s
         target={"path": str(Path(target_dir).resolve()), "name": Path(target_dir).name,
                 "num_layers": target.config.num_hidden_layers, "config_matches_recorded": config_match},
     )  # fmt: skip
+    if budget is not None:
+        report["budget"] = budget.report()
     if report_path is None:
         report_path = Path(f"eval-{Path(draft_dir).resolve().name}-{mode}.json")
+    path, png = write_report(report, report_path)
+    return report, path, png
+
+
+def evaluate_with_vllm(draft_dir: str | Path, *, model: str | Path | None = None, bench: str | None = None,
+                       prompts: str | Path | None = None, limit: int | None = None, depth: int = 5,
+                       temperature: float = 0.0, max_new_tokens: int = 256, report_path: str | Path | None = None,
+                       seed: int = 0, dtype: str = "fp32", enforce_eager: bool | None = None,
+                       progress: bool = True) -> tuple[dict, Path, Path]:  # fmt: skip
+    """`pipeline eval --engine vllm`: the head served by vLLM against plain vLLM decoding; (report, JSON, PNG)."""
+    from pipeline.evaluate.prompts import load_conversations
+    from pipeline.evaluate.report import write_report
+    from pipeline.evaluate.runner import resolve_target_path
+    from pipeline.evaluate.vllm_engine import draft_metadata, engine_options, evaluate_vllm
+
+    meta = draft_metadata(draft_dir)
+    target_dir = resolve_target_path(meta, model)
+    conversations = load_conversations(bench, prompts, limit)
+    options = engine_options(dtype=DTYPES[dtype], enforce_eager=enforce_eager, seed=seed)
+    (report,) = evaluate_vllm([draft_dir], target_dir=target_dir, conversations=conversations, depth=depth,
+                              temperature=temperature, max_new_tokens=max_new_tokens, seed=seed, options=options,
+                              settings_extra={"prompts": str(prompts) if prompts else (bench or "mt-bench"),
+                                              "limit": limit}, progress=progress)  # fmt: skip
+    if report_path is None:
+        report_path = Path(f"eval-{Path(draft_dir).resolve().name}-vllm-chain.json")
     path, png = write_report(report, report_path)
     return report, path, png

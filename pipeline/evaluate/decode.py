@@ -13,6 +13,7 @@ import time
 import torch
 
 from pipeline.draft.layers import KVCache
+from pipeline.evaluate.budget import Budget
 from pipeline.evaluate.drafter import Drafter, DraftSettings, propose
 from pipeline.evaluate.sampling import accept
 from pipeline.evaluate.target import (
@@ -48,10 +49,13 @@ def verify(target, cache, root: int, tree: Tree) -> tuple[torch.Tensor, tuple]:
 
 @torch.no_grad()
 def speculative_generate(target, drafter: Drafter, prompt: torch.Tensor, settings: DraftSettings,
-                         max_new_tokens: int, stop_ids: set[int],
-                         generator: torch.Generator | None = None) -> Generation:  # fmt: skip
+                         max_new_tokens: int, stop_ids: set[int], generator: torch.Generator | None = None,
+                         budget: Budget | None = None) -> Generation:  # fmt: skip
     """Decode ``prompt`` (``[n]`` token ids) with the target, drafting with ``drafter``; lossless: greedy output
-    equals :func:`~pipeline.evaluate.target.target_generate`'s, sampled output has the target's distribution."""
+    equals :func:`~pipeline.evaluate.target.target_generate`'s, sampled output has the target's distribution.
+
+    With ``budget`` (cost-aware drafting) a round may draft nothing (a plain step; the rows waiting for the draft
+    are fed at the next round that drafts) and verifies only the drafted tokens that pay for themselves."""
     device = drafter.device
     prompt = prompt.reshape(1, -1).to(device)
     sync(device)
@@ -70,7 +74,11 @@ def speculative_generate(target, drafter: Drafter, prompt: torch.Tensor, setting
     while not done:
         # a verification emits at most depth + 1 tokens: never draft past max_new_tokens
         depth = min(settings.depth, max_new_tokens - len(tokens) - 1)
-        tree = propose(drafter, dcache, rows_h, rows_ids, rows_pos, settings, depth, generator)
+        drafted = None
+        if budget is None or (depth > 0 and budget.should_draft(depth)):
+            tree, drafted = propose(drafter, dcache, rows_h, rows_ids, rows_pos, settings, depth, generator, budget)
+        else:
+            tree = Tree.empty(device)
         past = cache_length(cache)
         logits, hs = verify(target, cache, tokens[-1], tree)
         verdict = accept(tree, logits, settings.temperature, generator)
@@ -83,9 +91,16 @@ def speculative_generate(target, drafter: Drafter, prompt: torch.Tensor, setting
         for d in range(verdict.attempted):
             attempted[d] += 1
             accepted[d] += d < len(verdict.path)
-        rows_h = drafter.row_inputs(hs, torch.tensor(rows, device=device))
-        rows_ids = torch.tensor([new], device=device)
-        rows_pos = torch.arange(past, past + len(rows), device=device)[None]
+        if budget is not None and drafted is not None:
+            budget.observe(drafted, tree, verdict, new, settings.temperature)
+        new_h = drafter.row_inputs(hs, torch.tensor(rows, device=device))
+        new_ids = torch.tensor([new], device=device)
+        new_pos = torch.arange(past, past + len(rows), device=device)[None]
+        if drafted is None and budget is not None:  # nothing fed this round: the waiting rows stay waiting
+            rows_h, rows_ids = torch.cat([rows_h, new_h], 1), torch.cat([rows_ids, new_ids], 1)
+            rows_pos = torch.cat([rows_pos, new_pos], 1)
+        else:
+            rows_h, rows_ids, rows_pos = new_h, new_ids, new_pos
     sync(device)
     return Generation(tokens, time.perf_counter() - start, len(lengths), accept_lengths=lengths,
                       attempted=attempted, accepted=accepted)  # fmt: skip

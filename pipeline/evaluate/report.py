@@ -35,6 +35,16 @@ def build_report(records: list[dict[str, Any]], settings: dict[str, Any], draft:
     base_tps = _rate(sum(b["new_tokens"] for b in base), sum(b["wall_s"] for b in base))
     greedy = settings.get("temperature", 0) <= 0
     lengths = Counter(n for r in records for n in r["accept_lengths"])
+    baselines = {"plain": {"tokens_per_s": base_tps, "tau": 1.0, "mismatches": 0 if greedy else None}}
+    for name in sorted({n for r in records for n in r.get("baselines", {})}):
+        runs = [r["baselines"][name] for r in records if name in r.get("baselines", {})]
+        baselines[name] = {
+            "tokens_per_s": _rate(sum(b["new_tokens"] for b in runs), sum(b["wall_s"] for b in runs)),
+            "tau": _rate(sum(b["decode_tokens"] for b in runs), sum(b["target_forwards"] for b in runs)),
+            "mismatches": sum(bool(b["mismatch"]) for b in runs) if greedy else None,
+        }  # fmt: skip
+    for b in baselines.values():
+        b["speedup_of_head"] = _rate(spec_tps or 0.0, b["tokens_per_s"]) if b["tokens_per_s"] else None
     return {
         "acceptance_length": _rate(decode_tokens, forwards),
         "acceptance_length_convention": TAU_CONVENTION,
@@ -53,6 +63,10 @@ def build_report(records: list[dict[str, Any]], settings: dict[str, Any], draft:
         "baseline_tokens_per_s": base_tps,
         "baseline_target_forwards": sum(b["target_forwards"] for b in base),
         "speedup": _rate(spec_tps or 0.0, base_tps or 0.0) if base_tps else None,
+        "baselines": baselines,
+        "baselines_convention": "same prompts, same run: plain = our one-token-per-forward loop (the lossless "
+                                "reference); generate = transformers generate; prompt_lookup = transformers "
+                                "generate(prompt_lookup_num_tokens=10). speedup_of_head = head tok/s / baseline tok/s",
         "turns": len(records),
         "settings": settings,
         "draft": draft,
@@ -126,6 +140,22 @@ def format_summary(report: dict[str, Any]) -> str:
         f"{_fmt(report['baseline_tokens_per_s'], ' tok/s', 1)} plain -> speedup {_fmt(report['speedup'], 'x')}",
         "mismatches " + ("n/a (sampling)" if mism is None else f"{mism} turn(s) differ from plain greedy"),
     ]
+    if "vllm" in report:  # served by vLLM: its own counters, as vLLM reports them
+        v, c = report["vllm"], report["vllm"]["counters"]
+        lines.append(f"vllm       {v['version']}: {c['drafts']} drafts, {c['draft_tokens']} draft tokens, "
+                     f"{c['accepted']} accepted (per position {' '.join(map(str, c['accepted_per_pos']))}), mean "
+                     f"acceptance length {_fmt(v['mean_acceptance_length'])}")  # fmt: skip
+    for name, b in report.get("baselines", {}).items():
+        if name == "plain":
+            continue
+        tau = f", tau {_fmt(b['tau'])}" if name == "prompt_lookup" else ""
+        lines.append(f"baseline   {name:<14} {_fmt(b['tokens_per_s'], ' tok/s', 1)}{tau}; the head is "
+                     f"{_fmt(b['speedup_of_head'], 'x')} of it" + (f" ({b['mismatches']} mismatching turns)"
+                                                                    if b.get("mismatches") else ""))  # fmt: skip
+    if report.get("budget"):
+        d = report["budget"]["decisions"]
+        lines.append(f"budget     cost-aware drafting: {d['skipped']} of {d['rounds']} rounds drafted nothing, "
+                     f"{d['verified_drafts']} drafted tokens verified")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -144,6 +174,9 @@ def compare_reports(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str]
     for key in ("mode", "depth", "top_k", "total_tokens", "temperature", "max_new_tokens"):
         rows.append((key, a["settings"].get(key), b["settings"].get(key)))
     rows += [(label, a.get(key), b.get(key)) for label, key in COMPARE_ROWS]
+    for name in sorted(set(a.get("baselines", {})) | set(b.get("baselines", {})) - {"plain"}):
+        rows.append((f"{name} tok/s", a.get("baselines", {}).get(name, {}).get("tokens_per_s"),
+                     b.get("baselines", {}).get(name, {}).get("tokens_per_s")))  # fmt: skip
     pa, pb = a["per_position_acceptance"], b["per_position_acceptance"]
     for i in range(max(len(pa), len(pb))):
         rows.append((f"accept @{i + 1}", pa[i] if i < len(pa) else None, pb[i] if i < len(pb) else None))

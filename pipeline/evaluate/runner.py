@@ -9,10 +9,16 @@ import torch
 from tqdm import tqdm
 
 from pipeline.draft.export import load_export
+from pipeline.evaluate.budget import Budget
 from pipeline.evaluate.decode import speculative_generate
 from pipeline.evaluate.drafter import Drafter, DraftSettings
 from pipeline.evaluate.prompts import Conversation, render
-from pipeline.evaluate.target import Generation, TargetError, read_config, target_generate
+from pipeline.evaluate.target import Generation, TargetError, hf_generate, read_config, target_generate
+
+# What a user has without a head, decoded on the same prompts in the same run (the plain loop always runs: it is
+# the lossless reference). prompt_lookup: transformers' prompt-lookup decoding, nothing to train.
+BASELINES = ("generate", "prompt_lookup")
+PROMPT_LOOKUP_TOKENS = 10
 
 
 def resolve_target_path(meta: dict, model: str | Path | None) -> Path:
@@ -61,28 +67,33 @@ def _generation_record(g: Generation) -> dict[str, Any]:
 
 
 def run_turn(target, drafter: Drafter, prompt_ids: list[int], settings: DraftSettings, max_new_tokens: int,
-             stop_ids: set[int], seed: int) -> tuple[Generation, Generation]:  # fmt: skip
-    """(speculative, plain) decoding of one prompt, each with its own generator seeded by ``seed``."""
+             stop_ids: set[int], seed: int, budget: Budget | None = None,
+             baselines: tuple[str, ...] = BASELINES) -> tuple[Generation, Generation, dict[str, Generation]]:  # fmt: skip
+    """(speculative, plain, {baseline: generation}) decoding of one prompt, each seeded by ``seed``."""
     device = drafter.device
     prompt = torch.tensor(prompt_ids, device=device)
 
     def gen() -> torch.Generator:
         return torch.Generator(device=device).manual_seed(seed)
 
-    spec = speculative_generate(target, drafter, prompt, settings, max_new_tokens, stop_ids, gen())
+    spec = speculative_generate(target, drafter, prompt, settings, max_new_tokens, stop_ids, gen(), budget)
     base = target_generate(target, prompt, max_new_tokens, stop_ids, settings.temperature, gen())
-    return spec, base
+    lookup = {"generate": None, "prompt_lookup": PROMPT_LOOKUP_TOKENS}
+    others = {name: hf_generate(target, prompt, max_new_tokens, stop_ids, settings.temperature, lookup[name], seed)
+              for name in baselines}  # fmt: skip
+    return spec, base, others
 
 
 def run_eval(target, tokenizer, drafter: Drafter, conversations: list[Conversation], settings: DraftSettings,
              max_new_tokens: int, stop_ids: set[int], seed: int = 0, progress: bool = True,
-             warmup: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+             warmup: bool = True, budget: Budget | None = None,
+             baselines: tuple[str, ...] = BASELINES) -> list[dict[str, Any]]:  # fmt: skip
     """One record per answered turn. Later turns of a conversation are asked after the speculative decoder's
-    own answer (identical to the target's in greedy mode)."""
-    if warmup:  # first calls pay for allocator/kernel setup; keep that out of both timings
+    own answer (identical to the target's in greedy mode). ``budget`` learns across the whole run."""
+    if warmup:  # first calls pay for allocator/kernel setup; keep that out of every timing
         first = conversations[0]
         ids = render(tokenizer, first.messages or [{"role": "user", "content": first.turns[0]}])
-        run_turn(target, drafter, ids, settings, min(8, max_new_tokens), stop_ids, seed)
+        run_turn(target, drafter, ids, settings, min(8, max_new_tokens), stop_ids, seed, None, baselines)
     records = []
     for ci, conv in enumerate(tqdm(conversations, desc="eval", unit="prompt", disable=not progress)):
         history = list(conv.messages)
@@ -91,18 +102,20 @@ def run_eval(target, tokenizer, drafter: Drafter, conversations: list[Conversati
             if ask is not None:
                 history.append({"role": "user", "content": ask})
             ids = render(tokenizer, history)
-            spec, base = run_turn(target, drafter, ids, settings, max_new_tokens, stop_ids,
-                                  seed * 1_000_003 + ci * 17 + ti)  # fmt: skip
+            spec, base, others = run_turn(target, drafter, ids, settings, max_new_tokens, stop_ids,
+                                          seed * 1_000_003 + ci * 17 + ti, budget, baselines)  # fmt: skip
             answer = tokenizer.decode([t for t in spec.tokens if t not in stop_ids], skip_special_tokens=True)
             history.append({"role": "assistant", "content": answer})
-            records.append(turn_record(conv, ti, len(ids), spec, base, settings.temperature, answer))
+            records.append(turn_record(conv, ti, len(ids), spec, base, settings.temperature, answer, others))
     return records
 
 
 def turn_record(conv: Conversation, turn: int, prompt_tokens: int, spec: Generation, base: Generation,
-                temperature: float, text: str | None = None) -> dict[str, Any]:  # fmt: skip
+                temperature: float, text: str | None = None,
+                others: dict[str, Generation] | None = None) -> dict[str, Any]:  # fmt: skip
     mismatch, first_diff = None, None
-    if temperature <= 0:
+    greedy = temperature <= 0
+    if greedy:
         mismatch = spec.tokens != base.tokens
         if mismatch:
             first_diff = next((i for i, (a, b) in enumerate(zip(spec.tokens, base.tokens, strict=False)) if a != b),
@@ -112,6 +125,8 @@ def turn_record(conv: Conversation, turn: int, prompt_tokens: int, spec: Generat
         **_generation_record(spec), "tau": spec.tau, "accept_lengths": spec.accept_lengths,
         "attempted": spec.attempted, "accepted": spec.accepted,
         "baseline": _generation_record(base),
+        "baselines": {name: {**_generation_record(g), "tau": g.tau, "mismatch": g.tokens != base.tokens if greedy
+                             else None} for name, g in (others or {}).items()},
         "speedup": spec.tokens_per_s / base.tokens_per_s if base.tokens_per_s else None,
         "mismatch": mismatch, "first_difference": first_diff, "text": text,
     }  # fmt: skip

@@ -29,6 +29,39 @@ def load_target(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     return model.to(device).eval(), tokenizer
 
 
+SKINNY_MAX_ROWS = 32
+
+
+def skinny_linears(model, max_rows: int = SKINNY_MAX_ROWS) -> int:
+    """Run the model's ``nn.Linear`` products over at most ``max_rows`` rows as ``W @ xᵀ`` instead of ``x @ Wᵀ``.
+
+    Verifying a few drafted tokens is a product over a few rows that reads every weight once, like a 1-token step;
+    on x86 CPUs with MKL, ``x @ Wᵀ`` over 2-8 rows costs 2-3x the 1-row product, ``W @ xᵀ`` much less
+    (bench/verify_cost.py). Longer inputs (prompts) keep ``F.linear``. Plain greedy decoding and the baselines run
+    the same patched model, so comparisons stay like for like. Returns the number of layers patched."""
+    n = 0
+    for mod in model.modules():
+        if type(mod) is torch.nn.Linear:
+            mod.forward = _SkinnyForward(mod, max_rows)
+            n += 1
+    return n
+
+
+class _SkinnyForward:
+    def __init__(self, mod: torch.nn.Linear, max_rows: int):
+        self.mod, self.max_rows = mod, max_rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.mod.weight, self.mod.bias
+        rows = x.numel() // x.shape[-1]
+        if rows > self.max_rows or x.device.type != "cpu":
+            return torch.nn.functional.linear(x, w, b)
+        y = (w @ x.reshape(rows, -1).T).T
+        if b is not None:
+            y = y + b
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+
 def stop_token_ids(tokenizer: Any = None, generation_config: Any = None, config: Any = None) -> set[int]:
     """eos ids of the generation config / model config / tokenizer, plus end-of-turn tokens the tokenizer has."""
     ids: set[int] = set()
@@ -172,6 +205,34 @@ def target_generate(model, prompt: torch.Tensor, max_new_tokens: int, stop_ids: 
         tokens, done = finish(tokens + [pick(logits[-1], temperature, generator)], max_new_tokens, stop_ids)
     sync(device)
     return Generation(tokens, time.perf_counter() - start, forwards, accept_lengths=[1] * forwards)
+
+
+@torch.no_grad()
+def hf_generate(model, prompt: torch.Tensor, max_new_tokens: int, stop_ids: set[int], temperature: float = 0.0,
+                prompt_lookup: int | None = None, seed: int = 0) -> Generation:  # fmt: skip
+    """transformers' own ``generate`` on the same prompt (greedy, or sampling at ``temperature`` with no top-k/top-p
+    cut), with ``prompt_lookup_num_tokens`` when ``prompt_lookup`` is given: the baselines a user already has.
+    Target forwards are counted with a hook (the first is the prefill)."""
+    device = next(model.parameters()).device
+    prompt = prompt.reshape(1, -1).to(device)
+    calls = [0]
+    hook = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
+        "do_sample": False, "temperature": None, "top_k": None, "top_p": None}  # fmt: skip
+    if temperature > 0:
+        torch.manual_seed(seed)
+    try:
+        sync(device)
+        start = time.perf_counter()
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                             eos_token_id=sorted(stop_ids), pad_token_id=sorted(stop_ids)[0],
+                             prompt_lookup_num_tokens=prompt_lookup, **sampling)  # fmt: skip
+        sync(device)
+        wall = time.perf_counter() - start
+    finally:
+        hook.remove()
+    tokens, _ = finish(out[0, prompt.shape[1]:].tolist(), max_new_tokens, stop_ids)
+    return Generation(tokens, wall, max(calls[0] - 1, 0))
 
 
 def read_config(path: str | Path) -> dict:

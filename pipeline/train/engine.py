@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.compute import auto_precision
+
 
 @dataclass
 class EngineConfig:
@@ -67,8 +69,8 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 def deepspeed_config(cfg: EngineConfig, device: torch.device) -> dict:
     precision = cfg.precision
-    if precision == "auto":  # bf16 matmuls are ~500x slower than fp32 on CPUs without native bf16
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "auto":
+        precision = auto_precision(device)
     config = {
         "train_micro_batch_size_per_gpu": 1,  # one packed row per micro step; the row size is the batch knob
         "gradient_accumulation_steps": cfg.grad_accum,

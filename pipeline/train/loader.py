@@ -2,8 +2,22 @@
 
 A *pack* is one row of ``tokens_per_batch`` tokens holding whole samples back to back (first-fit over a shuffled
 window); ``doc_ids`` mark the samples so attention and the EAGLE shift never cross them, and ``position_ids``
-restart at 0 for each. Packs are a pure function of (store, seed, epoch, tokens_per_batch), and rank r takes packs
-r, r+W, r+2W, … so the data a run sees depends only on its config, and the position (epoch, pack) resumes exactly.
+restart at 0 for each. Packs are a pure function of (store, seed, epoch, tokens_per_batch, shuffle), so the data a
+run sees depends only on its config, and the position (epoch, pack) resumes exactly.
+
+Two shuffles:
+
+* ``global`` (uncompressed stores): every epoch permutes all samples, packs them, and rank r takes packs r, r+W, …
+  Any sample is one memmap slice away, so a random order costs nothing.
+* ``window`` (compressed stores, where a sample read decodes whole chunks): the unit is a Zarr chunk. Every epoch
+  permutes the (shard, chunk) units that hold the first row of a training sample and deals them to ranks round
+  robin; each rank walks its units in windows of ``window_chunks`` and shuffles the samples of one window among
+  themselves before packing; first-fit bins close at the latest when the window after next starts, so a pack
+  holds samples of two consecutive windows at most. A rank therefore decodes each of its chunks about once per
+  epoch, and keeps at most
+  ``cache_chunks(window)`` decoded chunks per array (the reader's LRU): the memory bound is
+  ``cache_chunks x chunk rows x stored bytes/token of the arrays read`` (logged as ``loader_cache_bytes``).
+  Ranks cut their pack lists to the shortest one, so every rank takes the same number of steps.
 """
 
 from __future__ import annotations
@@ -17,9 +31,26 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.store import StoreReader
+from pipeline.store import SCALE_SUFFIX, StoreReader, storage_dtype
 
 OPEN_BINS = 16  # first-fit window: more bins = less padding, more reordering
+SHUFFLES = ("auto", "global", "window")
+
+
+def cache_chunks(window_chunks: int) -> int:
+    """Decoded chunks per array the window shuffle keeps: a pack mixes two consecutive windows at most, and each
+    chunk of them may need its successor (samples straddle chunk edges); two spare."""
+    return 4 * window_chunks + 2
+
+
+def resolve_shuffle(shuffle: str, reader: StoreReader, fields: tuple[str, ...]) -> str:
+    """``auto`` -> ``window`` when any array the run reads is compressed, else ``global``."""
+    if shuffle not in SHUFFLES:
+        raise ValueError(f"--shuffle {shuffle!r}: choose one of {', '.join(SHUFFLES)}")
+    if shuffle != "auto":
+        return shuffle
+    names = ("input_ids", "loss_mask", *fields)
+    return "window" if any(reader.compressed(n) for n in names) else "global"
 
 
 def split_samples(reader: StoreReader, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -32,23 +63,32 @@ def split_samples(reader: StoreReader, val_fraction: float, seed: int = 0) -> tu
     return np.flatnonzero(~val), np.flatnonzero(val)
 
 
-def pack_samples(lengths: np.ndarray, order: np.ndarray, budget: int) -> list[list[tuple[int, int]]]:
-    """First-fit packing of samples (in ``order``) into rows of ``budget`` tokens; returns [(sample, length)]."""
+def pack_samples(lengths: np.ndarray, order: np.ndarray, budget: int,
+                 windows: np.ndarray | None = None) -> list[list[tuple[int, int]]]:  # fmt: skip
+    """First-fit packing of samples (in ``order``) into rows of ``budget`` tokens; returns [(sample, length)].
+
+    ``windows`` (window index of each position of ``order``, non-decreasing): a bin still open when window
+    ``g + 2`` starts is closed, so a pack mixes samples of two consecutive windows at most.
+    """
     packs: list[list[tuple[int, int]]] = []
-    bins: list[tuple[int, list[tuple[int, int]]]] = []  # (free tokens, items)
-    for i in order:
+    bins: list[tuple[int, list[tuple[int, int]], int]] = []  # (free tokens, items, window it opened in)
+    for pos, i in enumerate(order):
+        g = 0 if windows is None else int(windows[pos])
+        if windows is not None and bins and bins[0][2] < g - 1:
+            packs.extend(items for _, items, opened in bins if opened < g - 1)
+            bins = [b for b in bins if b[2] >= g - 1]
         n = min(int(lengths[i]), budget)  # a sample longer than a row is cut to it
-        for b, (free, items) in enumerate(bins):
+        for b, (free, items, opened) in enumerate(bins):
             if n <= free:
                 items.append((int(i), n))
-                bins[b] = (free - n, items)
+                bins[b] = (free - n, items, opened)
                 break
         else:
             if len(bins) == OPEN_BINS:  # close the fullest bin to make room
                 fullest = min(range(len(bins)), key=lambda b: bins[b][0])
                 packs.append(bins.pop(fullest)[1])
-            bins.append((budget - n, [(int(i), n)]))
-    packs.extend(items for _, items in bins)
+            bins.append((budget - n, [(int(i), n)], g))
+    packs.extend(items for _, items, _ in bins)
     return packs
 
 
@@ -74,16 +114,64 @@ class PackedLoader:
     world_size: int = 1
     packing: bool = True
     state: LoaderState = field(default_factory=LoaderState)
+    shuffle: str = "global"  # global | window (see the module docstring; resolve "auto" with resolve_shuffle)
+    window_chunks: int = 8
+
+    def __post_init__(self):
+        if self.shuffle not in ("global", "window"):
+            raise ValueError(f"shuffle {self.shuffle!r}: resolve it to global or window first (resolve_shuffle)")
+        if self.window_chunks < 1:
+            raise ValueError(f"--shuffle-window {self.window_chunks}: must be at least 1 chunk")
+        if self.shuffle == "window":
+            self.reader.cache_chunks = max(self.reader.cache_chunks, cache_chunks(self.window_chunks))
+
+    def cache_bytes(self) -> int:
+        """Upper bound of the reader's decoded-chunk cache for this loader's arrays (0 when nothing is decoded)."""
+        fields = ("input_ids", "loss_mask", *self.fields)
+        names = [a for a in self.reader.arrays if a in fields or a.removesuffix(SCALE_SUFFIX) in fields]
+        per_token = sum(int(np.prod(self.reader.arrays[n][0], dtype=np.int64))
+                        * storage_dtype(self.reader.arrays[n][1]).itemsize
+                        for n in names if self.reader.compressed(n))  # fmt: skip
+        rows = max((self.reader.chunk_rows(k) for k in range(len(self.reader.shards))), default=0)
+        return self.reader.cache_chunks * rows * per_token
 
     def epoch_packs(self, epoch: int) -> list[list[tuple[int, int]]]:
+        if self.shuffle == "window":
+            return self._window_packs(epoch)[self.rank]
         rng = np.random.default_rng([self.seed, epoch])
-        order = self.indices[rng.permutation(len(self.indices))]
-        if self.packing:
-            packs = pack_samples(self.reader.lengths, order, self.tokens_per_batch)
-        else:
-            packs = [[(int(i), min(int(self.reader.lengths[i]), self.tokens_per_batch))] for i in order]
+        packs = self._pack(self.indices[rng.permutation(len(self.indices))])
         usable = len(packs) - len(packs) % self.world_size  # every rank takes the same number of steps
         return packs[self.rank:usable:self.world_size]
+
+    def _window_packs(self, epoch: int) -> list[list[list[tuple[int, int]]]]:
+        """Every rank's packs of one epoch under the window shuffle (each rank computes all: they are cheap and
+        the shortest list sets the common length)."""
+        shard, chunk = self.reader.home_chunks()
+        units, unit_of = np.unique(np.stack([shard[self.indices], chunk[self.indices]], 1), axis=0,
+                                   return_inverse=True)  # fmt: skip
+        unit_of = unit_of.reshape(-1)
+        by_unit = np.argsort(unit_of, kind="stable")  # storage order inside a unit
+        bounds = np.searchsorted(unit_of[by_unit], np.arange(len(units) + 1))
+        dealt = np.random.default_rng([self.seed, epoch]).permutation(len(units))
+        per_rank = []
+        for r in range(self.world_size):
+            mine = dealt[r::self.world_size]
+            order: list[np.ndarray] = []
+            windows: list[np.ndarray] = []
+            for g, w in enumerate(range(0, len(mine), self.window_chunks)):
+                members = np.concatenate([by_unit[bounds[u]:bounds[u + 1]] for u in mine[w:w + self.window_chunks]])
+                rng = np.random.default_rng([self.seed, epoch, r, g])
+                order.append(self.indices[members[rng.permutation(len(members))]])
+                windows.append(np.full(len(members), g))
+            cat = np.concatenate(order) if order else np.zeros(0, np.int64)
+            per_rank.append(self._pack(cat, np.concatenate(windows) if windows else None))
+        common = min(len(p) for p in per_rank)
+        return [p[:common] for p in per_rank]
+
+    def _pack(self, order: np.ndarray, windows: np.ndarray | None = None) -> list[list[tuple[int, int]]]:
+        if self.packing:
+            return pack_samples(self.reader.lengths, order, self.tokens_per_batch, windows)
+        return [[(int(i), min(int(self.reader.lengths[i]), self.tokens_per_batch))] for i in order]
 
     def packs_per_epoch(self) -> int:
         return len(self.epoch_packs(0))

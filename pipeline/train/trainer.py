@@ -20,17 +20,29 @@ import torch
 from tqdm import tqdm
 
 from pipeline import __version__
+from pipeline.draft.layers import rope_exact_length
 from pipeline.store import StoreError, StoreReader, missing_fingerprint_fields, verify_store
 from pipeline.train import variants
 from pipeline.train.engine import Engine, EngineConfig, setup_distributed
-from pipeline.train.loader import PackedLoader, Prefetcher, collate, pack_samples, split_samples
+from pipeline.train.loader import (
+    PackedLoader,
+    Prefetcher,
+    collate,
+    pack_samples,
+    resolve_shuffle,
+    split_samples,
+)
 from pipeline.train.metrics import MetricsLog, plot_curves
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 CKPT_DIR = "checkpoints"
 # Changing these between a run and its resume does not change what is computed.
-RESUME_FREE = {"resume", "wandb_project", "progress", "log_every", "verify_checksums"}
+RESUME_FREE = {"resume", "wandb_project", "progress", "log_every", "verify_checksums", "integrity"}
+# How much of the store is checked before (and while) it is read; README "Integrity" says what each costs.
+INTEGRITY_LEVELS = ("open", "read", "full")
+# What a run recorded before these fields existed did: compared in their place when resuming such a run.
+LEGACY_DEFAULTS = {"shuffle": "global", "shuffle_window": 8}
 
 
 @dataclass
@@ -45,6 +57,8 @@ class TrainConfig:
     seed: int = 0
     tokens_per_batch: int = 2048
     packing: bool = True
+    shuffle: str = "auto"  # auto | global | window (pipeline/train/loader.py); auto is resolved before the run
+    shuffle_window: int = 8  # chunks per shuffle window (window shuffle)
     grad_accum: int = 1
     clip: float = 0.5
     weight_decay: float = 0.0
@@ -65,9 +79,12 @@ class TrainConfig:
     ttt_steps: int = 7
     step_decay: float = 0.8
     draft_vocab_size: int = 32000
+    head_init: str = "random"  # EAGLE-3 lm_head/norm: random, or target (the target's rows of the draft vocab)
+    loss_tokens: str = "assistant"  # assistant: loss on assistant tokens only; all: every token of a sample
     activation_checkpointing: bool = False
     wandb_project: str | None = None
-    verify_checksums: bool = False
+    verify_checksums: bool = False  # the same as integrity="full"
+    integrity: str = "read"
     resume: bool = False
     progress: bool = True
 
@@ -83,24 +100,45 @@ class TrainError(RuntimeError):
 
 
 def open_store(cfg: TrainConfig) -> StoreReader:
-    """Open the store read-only and refuse anything that would train silently wrong."""
-    reader = StoreReader(cfg.feats)  # refuses an incomplete store, naming the missing shards
+    """Open the store read-only and refuse anything that would train silently wrong.
+
+    Integrity levels: ``open`` checks what needs no full read (chunk files present with their recorded sizes,
+    metadata and index re-hashed, index within the arrays, fingerprint digests, target sizes); ``read`` (default)
+    also re-hashes each chunk file the first time training reads it, and the target weights as they load; ``full``
+    re-hashes the whole store first (`pipeline verify`)."""
+    level = "full" if cfg.verify_checksums else cfg.integrity
+    if level not in INTEGRITY_LEVELS:
+        raise ValueError(f"--integrity {level!r}: choose one of {', '.join(INTEGRITY_LEVELS)}")
+    # refuses an incomplete or damaged store, naming the missing shards or the first damaged file
+    reader = StoreReader(cfg.feats, verify_reads=level != "open")
     missing = missing_fingerprint_fields(reader.fingerprint)
     if missing:
         raise StoreError(f"{cfg.feats}: fingerprint incomplete, missing {', '.join(missing)}")
-    if cfg.verify_checksums:
+    if level == "full":
         problems = verify_store(cfg.feats)
         if problems:
-            raise StoreError(f"{cfg.feats}: verify failed:\n  " + "\n  ".join(problems))
+            raise StoreError(f"{cfg.feats}: verify failed with {len(problems)} problem(s), first: {problems[0]}; "
+                             "re-run the same `pipeline extract` to redo what is damaged")  # fmt: skip
     last = reader.last_verify()
     if last is not None and not last["ok"]:
         raise StoreError(f"{cfg.feats}: the last `pipeline verify` failed ({len(last['problems'])} problems, first: "
                          f"{last['problems'][:1]}); fix or re-extract, then run `pipeline verify` again")  # fmt: skip
+    if len(reader) == 0:
+        raise StoreError(f"{cfg.feats}: the store holds no samples (every record was skipped when it was extracted: "
+                         "`pipeline inspect` shows why)")  # fmt: skip
     need = set(variants.required_fields(cfg))
     if not need <= reader.has:
         raise StoreError(f"{cfg.feats}: variant {cfg.variant} with --target {cfg.target} needs "
                          f"{', '.join(sorted(need - reader.has))}, which this store does not hold (stored: "
                          f"{', '.join(sorted(reader.has))}); re-extract with --for both")  # fmt: skip
+    exact = rope_exact_length(reader.target_config())
+    longest = int(reader.lengths.max())
+    if exact is not None and longest > exact[1]:
+        rope_type, n = exact
+        raise TrainError(f"{cfg.feats}: the target's rope_type {rope_type!r} changes its rotary frequencies for "
+                         f"sequences longer than {n} tokens, which the draft does not reproduce, and the store holds "
+                         f"samples of up to {longest} tokens; re-extract with --max-length {n} (or train for a "
+                         "target with a static rope type)")  # fmt: skip
     return reader
 
 
@@ -116,8 +154,10 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path, fingerprint_digest: str) -> 
     if old.get("store_fingerprint_digest") != fingerprint_digest:
         raise TrainError(f"{run_dir} was trained on another store (fingerprint {old.get('store_fingerprint_digest')});"
                          f" {cfg.feats} has {fingerprint_digest}. Use a new --out.")  # fmt: skip
-    diffs = [f"{k}: run has {old['train'].get(k)!r}, now {v!r}" for k, v in asdict(cfg).items()
-             if k not in RESUME_FREE and old["train"].get(k) != v]  # fmt: skip
+    # options newer than the run: what such a run did (LEGACY_DEFAULTS), else their default holds
+    recorded_cfg = {**{f.name: f.default for f in fields(TrainConfig)}, **LEGACY_DEFAULTS, **old["train"]}
+    diffs = [f"{k}: run has {recorded_cfg.get(k)!r}, now {v!r}" for k, v in asdict(cfg).items()
+             if k not in RESUME_FREE and recorded_cfg.get(k) != v]  # fmt: skip
     if diffs:
         raise TrainError(f"{run_dir} holds a run with a different config; use a new --out, or the same flags to "
                          "resume it. Differences:\n  " + "\n  ".join(diffs))  # fmt: skip
@@ -138,14 +178,16 @@ def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 def train(cfg: TrainConfig) -> dict:
     rank, world, device = setup_distributed()
     reader = open_store(cfg)
+    fields_needed = variants.required_fields(cfg)
+    cfg.shuffle = resolve_shuffle(cfg.shuffle, reader, fields_needed)  # recorded resolved: resume compares it
     run_dir = Path(cfg.out)
     resuming = _check_run_dir(cfg, run_dir, reader.digest)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
 
     train_idx, val_idx = split_samples(reader, cfg.val_fraction, cfg.seed)
-    fields_needed = variants.required_fields(cfg)
-    loader = PackedLoader(reader, train_idx, fields_needed, cfg.tokens_per_batch, cfg.seed, rank, world, cfg.packing)
+    loader = PackedLoader(reader, train_idx, fields_needed, cfg.tokens_per_batch, cfg.seed, rank, world, cfg.packing,
+                          shuffle=cfg.shuffle, window_chunks=cfg.shuffle_window)  # fmt: skip
     packs_per_epoch = loader.packs_per_epoch()
     if packs_per_epoch == 0:
         raise TrainError(f"{cfg.feats}: {len(train_idx)} training samples make no pack for {world} ranks")
@@ -176,6 +218,7 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0:
         log.log({"kind": "info", "step": step, "resumed": resuming, "packing_waste": waste,
                  "packs_per_epoch": packs_per_epoch, "train_samples": len(train_idx), "val_samples": len(val_idx),
+                 "shuffle": cfg.shuffle, "loader_cache_bytes": loader.cache_bytes(),
                  **{k: v for k, v in build_info.items() if isinstance(v, (int, float))}})  # fmt: skip
 
     val_batches = _val_batches(reader, val_idx, fields_needed, cfg, rank, world)
@@ -186,6 +229,7 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=total_steps, initial=step, desc=f"train {cfg.variant}", disable=rank != 0 or not cfg.progress,
                dynamic_ncols=True)  # fmt: skip
     first, last = None, None
+    start_step = step  # a resumed run's first step here is start_step + 1
     started = time.time()
     try:
         while step < total_steps:
@@ -234,7 +278,8 @@ def train(cfg: TrainConfig) -> dict:
         prefetch.close()
         bar.close()
     _save_weights(engine, run_dir / "final", cfg, build_info, {"step": step}, rank)
-    summary = {"steps": step, "total_steps": total_steps, "wall_s": round(time.time() - started, 2),
+    summary = {"steps": step, "total_steps": total_steps, "start_step": start_step,
+               "wall_s": round(time.time() - started, 2),
                "first": first, "last": last, "packing_waste": waste, "best_val_tau": best_tau if val_batches else None,
                "world_size": world, "rank": rank, "run_dir": str(run_dir)}  # fmt: skip
     if rank == 0:

@@ -1,4 +1,5 @@
-"""Replaying vLLM without vLLM: what the tests use to exercise :mod:`pipeline.extract.vllm_backend` on a CPU.
+"""Replaying vLLM without vLLM: test scaffolding that exercises :mod:`pipeline.extract.vllm_backend` without an
+engine (fault injection and completion orders a live engine cannot be made to produce on demand).
 
 :func:`write_replay` runs an HF forward and writes, per prompt, exactly what a live engine would hand the backend:
 a connector file (``hidden_states [T, n_layers, H]`` for the configured layer ids, layer N *before* the final norm,
@@ -6,7 +7,8 @@ and ``token_ids``) and a record of the engine's log-probability columns (``[actu
 position with vLLM's ranks). :class:`ReplayEngine` serves them through the backend's engine interface as
 ``RequestOutput`` look-alikes (dicts of ``Logprob`` per position, or ``FlatLogprobs``-like containers), copying
 each file under an engine-style ``<request id>-<8 random chars>.safetensors`` name, finishing requests in a
-shuffled order and optionally injecting faults. :func:`compare_stores` checks two stores for interchangeability.
+shuffled order and optionally injecting faults; :func:`replay_backend` is a ``VLLMBackend`` driven by it.
+:func:`compare_stores` checks two stores for interchangeability (the replay and the live-engine tests use it).
 """
 
 from __future__ import annotations
@@ -25,10 +27,30 @@ from types import SimpleNamespace
 import torch
 
 from pipeline.extract import vllm_connector as vc
-from pipeline.extract.vllm_backend import EngineOutput, engine_output
+from pipeline.extract.vllm_backend import EngineOutput, VLLMBackend, engine_output
 
 MANIFEST = "manifest.json"
 FAULTS = ("abort", "missing_file", "corrupt_file", "wrong_tokens", "lost", "bad_logprobs")
+
+
+def connector_file_name(request_id: str) -> str:
+    """The name vLLM's hidden-states connector gives the file of engine request ``request_id``."""
+    return f"{request_id}.safetensors"
+
+
+def write_connector_file(path: str | os.PathLike, hidden_states: torch.Tensor, token_ids: torch.Tensor | list[int]) -> Path:
+    """Write a file in the connector's layout (what vLLM's hidden-states connector writes for one request)."""
+    from safetensors.torch import save_file
+
+    ids = torch.as_tensor(token_ids, dtype=torch.int64)
+    if hidden_states.ndim != 3 or hidden_states.shape[0] != ids.shape[0]:
+        raise ValueError(f"hidden_states {tuple(hidden_states.shape)} must be [T, n_layers, H] with T = {ids.shape[0]}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({vc.HIDDEN_STATES_KEY: hidden_states.detach().cpu().contiguous(), vc.TOKEN_IDS_KEY: ids.contiguous()},
+              str(path))  # fmt: skip
+    return path
+
 
 
 def prompt_key(token_ids: list[int]) -> str:
@@ -73,7 +95,7 @@ def write_replay(model_dir: str | os.PathLike, prompts: list[list[int]], replay_
             hs = out.hidden_states
             layers = [captured["pre_norm"][0] if lid == n_layers else hs[lid][0] for lid in layer_ids]
             key = prompt_key(ids)
-            vc.write_connector_file(replay_dir / f"{key}.safetensors", torch.stack(layers, dim=1), ids)
+            write_connector_file(replay_dir / f"{key}.safetensors", torch.stack(layers, dim=1), ids)
             lp = torch.log_softmax(out.logits[0].float(), dim=-1)
             sampled = int(lp[-1].argmax())
             record = {
@@ -186,11 +208,11 @@ class ReplayEngine:
 
     def _request_output(self, rid: str, ids: list[int], key: str, mode: str | None) -> SimpleNamespace:
         record = json.loads((self.dir / f"{key}.json").read_text())
-        path = self.storage / vc.connector_file_name(f"{rid}-{uuid.uuid4().hex[:8]}")
+        path = self.storage / connector_file_name(f"{rid}-{uuid.uuid4().hex[:8]}")
         if mode not in ("abort", "missing_file"):
             if mode == "wrong_tokens":
                 hs, tok = vc.read_connector_file(self.dir / f"{key}.safetensors")
-                vc.write_connector_file(path, hs, tok.flip(0))
+                write_connector_file(path, hs, tok.flip(0))
             else:
                 shutil.copyfile(self.dir / f"{key}.safetensors", path)
                 if mode == "corrupt_file":
@@ -216,6 +238,19 @@ class ReplayEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+def replay_backend(model_dir: str | os.PathLike, replay_dir: str | os.PathLike, replay_options: dict | None = None,
+                   **kw) -> VLLMBackend:  # fmt: skip
+    """A ``VLLMBackend`` whose engine replays the files :func:`write_replay` wrote into ``replay_dir``."""
+    manifest = read_manifest(replay_dir)
+    holder: dict = {}
+
+    def factory(layer_ids: list[int], k: int) -> ReplayEngine:
+        return ReplayEngine(replay_dir, holder["backend"].storage_dir, layer_ids, k, **(replay_options or {}))
+
+    holder["backend"] = VLLMBackend(model_dir, dtype=manifest["dtype"], engine_factory=factory, **kw)
+    return holder["backend"]
 
 
 # ---------------------------------------------------------------------------------------------------- checking

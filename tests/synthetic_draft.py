@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from synthetic_target import make_batch, target_weights
 
 from pipeline.draft.eagle1 import Eagle1Config, Eagle1Draft, Eagle1Objective
 from pipeline.draft.eagle1 import training_loss as eagle1_loss
 from pipeline.draft.eagle3 import Eagle3Config, Eagle3Draft, Eagle3Objective
 from pipeline.draft.eagle3 import training_loss as eagle3_loss
-from pipeline.draft.synthetic import make_batch, target_weights
 
 
 def tiny_draft(target, variant: str, aux_layer_ids: Sequence[int] = (2, 4, 5), draft_vocab_size: int | None = None,
@@ -53,3 +53,18 @@ def fit_draft(model: Eagle1Draft | Eagle3Draft, target, sequences: torch.Tensor,
         opt.step()
     model.eval()
     return metrics
+
+
+def decoding_target(vocab_size: int = 500):
+    """The tiny target the decoding tests share. init 0.2: peaked but not yet looping continuations, so every token
+    depends on the whole context (a wrong cache entry shows up as a different token)."""
+    from synthetic_target import tiny_target, tiny_target_config
+
+    return tiny_target(tiny_target_config(vocab_size=vocab_size, hidden_size=64, num_layers=8), seed=0, init_std=0.2)
+
+
+def fit_prompts(target, n: int = 12, length: int = 4, new_tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompts, their greedy continuations) that fitted heads learn from, on one thread (a shared CPU)."""
+    torch.set_num_threads(1)
+    prompts = torch.randint(0, target.config.vocab_size, (n, length), generator=torch.Generator().manual_seed(0))
+    return prompts, greedy_continuations(target, prompts, new_tokens)

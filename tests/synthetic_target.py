@@ -102,3 +102,32 @@ def make_batch(model, samples: Sequence[torch.Tensor], aux_layer_ids: Sequence[i
             batch["topk_logprobs"][r, sl] = logp.values
             pos += n
     return batch
+
+
+def packed_doc_ids(width: int = 40, device: str | torch.device = "cpu") -> torch.Tensor:
+    """``[2, width]`` document ids: a row of three documents and padding, and a row holding one document."""
+    doc = torch.full((2, width), -1, device=device)
+    cut = [0, width * 13 // 40, width * 31 // 40, width * 38 // 40]
+    for d in range(3):
+        doc[0, cut[d]:cut[d + 1]] = d
+    doc[1] = 0
+    return doc
+
+
+def ttt_attention_inputs(doc: torch.Tensor, steps: int, seed: int = 0, grad: bool = True, heads: int = 4,
+                         kv_heads: int = 2, head_dim: int = 8) -> tuple[torch.Tensor, list[torch.Tensor], list]:  # fmt: skip
+    """Random queries and the key blocks of TTT step ``steps - 1`` (lazy step-0 mask + diagonals), on ``doc``'s
+    device: ``(q, [k0, v0, k1, v1, ...], blocks)``."""
+    from pipeline.draft.layers import DocCausal, KVBlock
+
+    g = torch.Generator().manual_seed(seed)
+    b, t = doc.shape
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(doc.device).requires_grad_(grad)
+
+    q = rand(b, heads, t, head_dim)
+    kv = [(rand(b, kv_heads, t, head_dim), rand(b, kv_heads, t, head_dim)) for _ in range(steps)]
+    own = doc >= 0
+    blocks = [KVBlock(*kv[0], DocCausal(doc))] + [KVBlock(k, v, own, diagonal=True) for k, v in kv[1:]]
+    return q, [x for pair in kv for x in pair], blocks

@@ -1,0 +1,125 @@
+"""Cost-aware drafting: the rate arithmetic, the online acceptance model, and that any budget stays lossless
+(greedy: token-identical to plain decoding; sampling: the target's distribution) while deciding differently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from synthetic_draft import decoding_target, fit_draft, fit_prompts, tiny_draft
+from synthetic_target import tiny_target, tiny_target_config
+
+from pipeline.evaluate.budget import AcceptanceModel, Budget, CostModel
+from pipeline.evaluate.decode import speculative_generate
+from pipeline.evaluate.drafter import Drafter, DraftSettings
+from pipeline.evaluate.target import target_generate
+from pipeline.evaluate.tree import Tree
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V = 500
+AUX = (2, 4, 5)
+MODES = {"chain": DraftSettings(mode="chain", depth=5),
+         "tree": DraftSettings(mode="tree", depth=5, top_k=4, total_tokens=16)}  # fmt: skip
+
+
+def costs(slope: float, draft: float = 0.02) -> CostModel:
+    """A synthetic machine: one token costs 1, each further verified token ``slope``, a draft step ``draft``."""
+    return CostModel({n: 1.0 + slope * (n - 1) for n in (1, 2, 4, 8, 16, 32)}, draft)
+
+
+def test_best_count_maximises_the_expected_rate():
+    b = Budget(costs(0.1, draft=0.0))
+    # rates: n=0 1/1, n=1 1.9/1.1, n=2 2.4/1.2 = 2.0, n=3 2.5/1.3
+    assert b.best_count([0.9, 0.5, 0.1], draft_steps=0) == (2, pytest.approx(2.0))
+    assert b.best_count([0.05], draft_steps=0)[0] == 0  # a hopeless draft is not verified
+    assert b.costs.verify(3) == pytest.approx(1.2) and b.costs.verify(64) == pytest.approx(7.3)
+    assert b.can_improve(0.0, 0, 0, 1.0, bound=0.5, more=3) and not b.can_improve(0.0, 0, 0, 1.0, bound=0.05, more=3)
+
+
+def test_acceptance_model_starts_at_identity_and_learns():
+    m = AcceptanceModel(bins=10, prior=4.0)
+    assert m(torch.tensor([0.05, 0.55, 0.95])).tolist() == pytest.approx([0.05, 0.55, 0.95])
+    m.update([0.95] * 40, [False] * 40)  # an over-confident head
+    assert float(m(torch.tensor(0.92))) < 0.1 and float(m(torch.tensor(0.5))) == pytest.approx(0.55)
+
+
+def test_greedy_verdicts_cover_unverified_nodes():
+    # root -> a(5) -> b(6); root -> c(7); emitted 5, 6, 9: a and b accepted, c refused, nothing beyond
+    tree = Tree(torch.tensor([5, 7, 6]), [-1, -1, 0], [1, 1, 2], [None] * 3, [0.6, 0.3, 0.8])
+    assert tree.greedy_verdicts([5, 6, 9]) == [(0.6, True), (0.3, False), (0.8, True)]
+    assert tree.greedy_verdicts([7, 1]) == [(0.6, False), (0.3, True)]
+    assert tree.subset([0, 2]).parents == [-1, 0] and tree.subset([0, 2]).probs == [0.6, 0.8]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return decoding_target(V)
+
+
+@pytest.fixture(scope="module")
+def heads(target):
+    """A random head (rarely right) and a head fitted to the target's greedy continuations (often right)."""
+    prompts, seqs = fit_prompts(target)
+    fitted = tiny_draft(target, "eagle3", AUX, seed=1)
+    fit_draft(fitted, target, seqs, steps=150, lr=1e-2, ttt_steps=2)
+    return {"random": Drafter(tiny_draft(target, "eagle3", AUX, draft_vocab_size=V // 2, seed=2)),
+            "fitted": Drafter(fitted)}, prompts  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+@pytest.mark.parametrize("slope", [0.02, 0.5])
+def test_any_budget_is_lossless_and_weighs_cost(target, heads, mode, slope):
+    drafters, prompts = heads
+    stats = {}
+    for name, drafter in drafters.items():
+        budget = Budget(costs(slope))
+        forwards = tokens = 0
+        for i in range(4):
+            plain = target_generate(target, prompts[i], 24, set())
+            spec = speculative_generate(target, drafter, prompts[i], MODES[mode], 24, set(), budget=budget)
+            assert spec.tokens == plain.tokens, (name, i)
+            stop = {plain.tokens[9]}
+            stopped = speculative_generate(target, drafter, prompts[i], MODES[mode], 24, stop, budget=budget)
+            assert stopped.tokens == target_generate(target, prompts[i], 24, stop).tokens
+            forwards, tokens = forwards + spec.target_forwards, tokens + spec.decode_tokens
+        stats[name] = (tokens / forwards, budget.decisions)
+    assert stats["fitted"][0] > stats["random"][0], stats
+    if slope == 0.5:  # verifying costs half a step per token: the random head is (almost) never worth a draft
+        assert stats["random"][1]["skipped"] > 0 and stats["random"][0] < 1.2, stats
+    else:  # nearly free verification: the fitted head drafts deep
+        assert stats["fitted"][0] > 2.0, stats
+
+
+def test_skinny_linears_compute_the_same_products():
+    import copy
+
+    from pipeline.evaluate.target import SKINNY_MAX_ROWS, skinny_linears
+
+    model = tiny_target(tiny_target_config(vocab_size=V, hidden_size=64, num_layers=2), seed=3, init_std=0.2)
+    skinny = copy.deepcopy(model)
+    n_linear = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert skinny_linears(skinny) == n_linear > 0
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 3, SKINNY_MAX_ROWS + 5):  # the last one takes F.linear again
+        ids = torch.randint(0, V, (1, rows), generator=gen)
+        with torch.no_grad():
+            a, b = model(input_ids=ids).logits, skinny(input_ids=ids).logits
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    lin = next(m for m in skinny.modules() if type(m) is torch.nn.Linear)
+    x = torch.randn(2, 3, lin.in_features, generator=gen)
+    assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-6)
+
+
+def test_probes_back_off_while_refused_and_reset_when_accepted():
+    budget = Budget(costs(slope=5.0))  # verifying anything costs far more than it can return: always skip
+    budget.recent_first = 0.0
+    gaps, skipped = [], 0
+    for _ in range(200):
+        if budget.should_draft(max_depth=4):
+            gaps.append(skipped)
+            skipped = 0
+            budget.probed(accepted=len(gaps) == 5)  # the fifth probe is accepted
+        else:
+            skipped += 1
+    assert gaps[:8] == [3, 7, 15, 31, 31, 3, 7, 15]
+    assert budget.decisions["probes"] == len(gaps)
