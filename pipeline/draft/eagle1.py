@@ -258,7 +258,6 @@ class Eagle1Head(DraftHead):
     config_class = Eagle1Config
     module_class = Eagle1Draft
     vllm_method = "eagle"
-    CHAIN_STEPS: ClassVar[int] = 5  # drafting depth simulated for the held-out τ (its default serving depth)
 
     def required_fields(self, cfg: Any) -> tuple[str, ...]:
         # the vloss target is the stored last hidden state in both target modes

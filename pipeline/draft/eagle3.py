@@ -418,7 +418,7 @@ class Eagle3Head(DraftHead):
     chain_acceptance = staticmethod(chain_acceptance)
 
     def chain_steps(self, cfg: Any) -> int:
-        return cfg.ttt_steps
+        return max(cfg.ttt_steps, self.CHAIN_STEPS)  # deeper than trained is still what drafting does
 
     def row_inputs(self, model, hidden_states, aux_layer_ids, rows):
         def take(h: torch.Tensor) -> torch.Tensor:

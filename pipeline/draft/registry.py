@@ -43,6 +43,9 @@ class DraftHead(ABC):
     layer_prefix: ClassVar[str] = "layers.0."  # where the module keeps its decoder layer's weights
     export_formats: ClassVar[tuple[str, ...]] = ("vllm",)
     vllm_method: ClassVar[str | None] = None  # vLLM's speculative_config method serving the export (None: none)
+    # the held-out simulated chain's depth, at least: one depth for every head and training length, so that
+    # held-out τ (and the best checkpoint it picks) compares across heads and settings such as --ttt-steps
+    CHAIN_STEPS: ClassVar[int] = 5
 
     # ---- built from the store --------------------------------------------------------------------------------
 
