@@ -1,6 +1,7 @@
 """What verifying n drafted tokens costs on this machine: one SmolLM2 forward over n new tokens after a cached
-prefix, with the linears as transformers runs them (``x @ Wᵀ``) and as ``pipeline eval`` runs them on the CPU
-(``W @ xᵀ`` for few rows, :func:`pipeline.evaluate.target.skinny_linears`), interleaved round by round; plus the
+prefix, with the linears as transformers runs them (``x @ Wᵀ``) and as ``pipeline eval --linears skinny`` runs
+them on the CPU (``W @ xᵀ`` for few rows, :func:`pipeline.evaluate.target.skinny_linears`; ``--linears auto``, the
+default, measures both and keeps the faster), interleaved round by round; plus the
 lm_head product alone. Prints milliseconds and each count's cost relative to one token, and the two kernels'
 logits' largest difference.
 

@@ -23,7 +23,7 @@ class DemoConfig:
     max_length: int = 512
     # ~1.5 CPU-minutes of training per head; measured on the demo's store (held-out simulated τ at depth 5, same
     # held-out samples): short 1,024-token rows learn more per second and per token than 2,048-token ones, and one
-    # EAGLE-3 TTT step more than three at this budget. EAGLE-1: 40 x 2,048 tokens 1.105 -> 80 x 1,024 1.18;
+    # EAGLE-3 TTT step more than three at this budget. EAGLE-1: 40 x 2,048 tokens 1.105 -> 80 x 1,024 1.171;
     # EAGLE-3: 30 x 2,048 with 3 TTT steps 1.180 (105 s), 90 x 2,048 with 1: 1.268, 180 x 1,024 with 1: 1.329 (94 s)
     eagle1_steps: int = 80
     eagle3_steps: int = 180

@@ -110,6 +110,26 @@ def test_skinny_linears_compute_the_same_products():
     assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias), atol=1e-6)
 
 
+def test_auto_linears_measure_both_kernels_and_keep_the_faster(target, heads):
+    from pipeline.evaluate.budget import pick_linears
+    from pipeline.evaluate.target import _SkinnyForward, stock_linears
+
+    drafter = heads[0]["fitted"]
+    prompt = torch.arange(1, 9)
+    before = target_generate(target, prompt, 12, set()).tokens
+    choice, ms = pick_linears(target, drafter, prefix=16, counts=(2, 4), reps=2)
+    assert choice in ("skinny", "stock") and set(ms) == {"skinny", "stock"}
+    assert all(set(per) == {2, 4} and all(t > 0 for t in per.values()) for per in ms.values())
+    assert choice == min(ms, key=lambda k: sum(ms[k].values()))
+    for model in (target, drafter.model):  # both left on the winner
+        patched = [isinstance(m.__dict__.get("forward"), _SkinnyForward) for m in model.modules()
+                   if type(m) is torch.nn.Linear]  # fmt: skip
+        assert patched and all(p == (choice == "skinny") for p in patched)
+    assert target_generate(target, prompt, 12, set()).tokens == before
+    stock_linears(target), stock_linears(drafter.model)  # the module-scoped fixtures stay stock for other tests
+    assert not any("forward" in m.__dict__ for m in target.modules() if type(m) is torch.nn.Linear)
+
+
 def test_probes_back_off_while_refused_and_reset_when_accepted():
     budget = Budget(costs(slope=5.0))  # verifying anything costs far more than it can return: always skip
     budget.recent_first = 0.0

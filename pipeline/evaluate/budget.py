@@ -112,6 +112,48 @@ def measure_costs(target, drafter, prefix: int = 128, reps: int = 5, max_tokens:
                                          "threads": torch.get_num_threads(), "device": str(device)})  # fmt: skip
 
 
+@torch.no_grad()
+def pick_linears(target, drafter, prefix: int = 128, counts: tuple[int, ...] = (2, 4, 8),
+                 reps: int = 3) -> tuple[str, dict[str, dict[int, float]]]:  # fmt: skip
+    """``skinny`` or ``stock``, whichever runs target forwards over ``counts`` new tokens (what verification
+    feeds) faster on this machine, measured interleaved; leaves target and draft set to the winner. Also returns
+    the medians in ms. On a GPU (or with nothing to compare) ``stock``."""
+    from pipeline.evaluate.target import (
+        compact_cache,
+        new_cache,
+        skinny_linears,
+        stock_linears,
+        target_forward,
+    )
+
+    models = (target, drafter.model)
+    if drafter.device.type != "cpu":
+        return "stock", {}
+    device = drafter.device
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, int(target.config.vocab_size), (1, prefix + max(counts)), generator=gen).to(device)
+    cache = new_cache(target)
+    target_forward(target, ids[:, :prefix], torch.arange(prefix, device=device)[None], cache)
+    setters = {"stock": stock_linears, "skinny": skinny_linears}
+    times: dict[str, dict[int, list[float]]] = {k: {n: [] for n in counts} for k in setters}
+    for rep in range(reps + 1):  # round 0 warms both up and is discarded
+        for kind, set_kind in setters.items():
+            for m in models:
+                set_kind(m)
+            for n in counts:
+                start = time.perf_counter()
+                target_forward(target, ids[:, prefix:prefix + n],
+                               torch.arange(prefix, prefix + n, device=device)[None], cache, hidden=True)  # fmt: skip
+                if rep:
+                    times[kind][n].append(time.perf_counter() - start)
+                compact_cache(cache, prefix, [])
+    ms = {k: {n: 1e3 * statistics.median(v) for n, v in per.items()} for k, per in times.items()}
+    best = min(ms, key=lambda k: sum(ms[k].values()))
+    for m in models:
+        setters[best](m)
+    return best, ms
+
+
 def costs_key(target, drafter, dtype: str) -> str:
     """What a cached measurement is valid for: this machine, torch, threads, device, dtype, target and draft."""
     from pipeline.store import config_sha256

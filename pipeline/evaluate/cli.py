@@ -45,10 +45,10 @@ DRAFT = defaults(DraftSettings)  # chain/tree option defaults: one source
 @click.option("--recalibrate", is_flag=True, help="Measure the cost model again (and cache it).")
 @click.option("--baselines", default="generate,prompt_lookup", show_default=True,
               help="Also decode with these, same prompts, same run: generate, prompt_lookup ('' for none).")  # fmt: skip
-@click.option("--linears", type=click.Choice(["skinny", "stock"]), default="skinny", show_default=True,
-              help="skinny: on the CPU, the target's and draft's linears over few rows run as W @ x^T (verifying 4 "
-                   "tokens then costs ~1.15x one, not ~1.65x: bench/verify_cost.py); the baselines run the same "
-                   "model. stock: transformers' x @ W^T.")  # fmt: skip
+@click.option("--linears", type=click.Choice(["auto", "skinny", "stock"]), default="auto", show_default=True,
+              help="skinny: on the CPU, the target's and draft's linears over few rows run as W @ x^T; stock: "
+                   "transformers' x @ W^T; auto: whichever verifies 2-8 tokens faster here, measured at start-up "
+                   "(which wins depends on the CPU: bench/verify_cost.py). The baselines run the same model.")  # fmt: skip
 @click.option("--threads", type=int, default=None,
               help="CPU threads for torch (default: torch's choice; on a busy CPU 1 can be much faster).")  # fmt: skip
 @click.option("--engine", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
@@ -132,7 +132,7 @@ def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: s
              temperature: float = DRAFT["temperature"], max_new_tokens: int = 256,
              report_path: str | Path | None = None, seed: int = 0, device: str = "auto", dtype: str = "fp32",
              policy: str = "adaptive", costs: str | Path | None = None, recalibrate: bool = False,
-             baselines: tuple[str, ...] | None = None, linears: str = "skinny",
+             baselines: tuple[str, ...] | None = None, linears: str = "auto",
              progress: bool = True) -> tuple[dict, Path, Path]:  # fmt: skip
     """The whole `pipeline eval` run; returns (report, JSON path, PNG path)."""
     import torch
@@ -151,11 +151,16 @@ def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: s
     target_dir = resolve_target_path(meta, model)
     target, tokenizer = load_target(target_dir, dev, torch_dtype)
     config_match = check_pair(target, drafter, target_dir, meta)
-    if linears == "skinny":
+    linears_ms = None
+    if linears == "auto":
+        from pipeline.evaluate.budget import pick_linears
+
+        linears, linears_ms = pick_linears(target, drafter)
+    elif linears == "skinny":
         skinny_linears(target)
         skinny_linears(drafter.model)
     elif linears != "stock":
-        raise ValueError(f"linears must be skinny|stock, not {linears!r}")
+        raise ValueError(f"linears must be auto|skinny|stock, not {linears!r}")
     conversations = load_conversations(bench, prompts, limit)
     stop_ids = stop_token_ids(tokenizer, getattr(target, "generation_config", None), target.config)
     budget = None
@@ -170,7 +175,7 @@ def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: s
                        budget=budget, baselines=baselines)  # fmt: skip
     report = build_report(
         records,
-        settings={**vars(settings), "policy": policy, "linears": linears, "baselines": list(baselines), "max_new_tokens": max_new_tokens, "seed": seed, "device": str(dev),
+        settings={**vars(settings), "policy": policy, "linears": linears, "linears_ms": linears_ms, "baselines": list(baselines), "max_new_tokens": max_new_tokens, "seed": seed, "device": str(dev),
                   "dtype": dtype, "cpu_threads": torch.get_num_threads(), "prompts": str(prompts) if prompts else (bench or "mt-bench"), "limit": limit,
                   "stop_token_ids": sorted(stop_ids), "code_version": __version__},
         draft={"path": str(Path(draft_dir).resolve()), "variant": meta["variant"], "fmt": meta.get("fmt"),

@@ -35,14 +35,26 @@ SKINNY_MAX_ROWS = 32
 def skinny_linears(model, max_rows: int = SKINNY_MAX_ROWS) -> int:
     """Run the model's ``nn.Linear`` products over at most ``max_rows`` rows as ``W @ xᵀ`` instead of ``x @ Wᵀ``.
 
-    Verifying a few drafted tokens is a product over a few rows that reads every weight once, like a 1-token step;
-    on x86 CPUs with MKL, ``x @ Wᵀ`` over 2-8 rows costs 2-3x the 1-row product, ``W @ xᵀ`` much less
-    (bench/verify_cost.py). Longer inputs (prompts) keep ``F.linear``. Plain greedy decoding and the baselines run
-    the same patched model, so comparisons stay like for like. Returns the number of layers patched."""
+    Verifying a few drafted tokens is a product over a few rows that reads every weight once, like a 1-token step.
+    Which kernel does that best depends on the CPU and its BLAS: on one 2-core x86 machine ``x @ Wᵀ`` over 2-8
+    rows cost 1.6-2x the 1-row product and ``W @ xᵀ`` 1.15-1.65x, on another the reverse (bench/verify_cost.py),
+    so ``pipeline eval --linears auto`` measures both (:func:`pipeline.evaluate.budget.pick_linears`). Longer
+    inputs (prompts) keep ``F.linear``. Plain greedy decoding and the baselines run the same patched model, so
+    comparisons stay like for like. Returns the number of layers patched (:func:`stock_linears` undoes it)."""
     n = 0
     for mod in model.modules():
         if type(mod) is torch.nn.Linear:
             mod.forward = _SkinnyForward(mod, max_rows)
+            n += 1
+    return n
+
+
+def stock_linears(model) -> int:
+    """Undo :func:`skinny_linears`: every ``nn.Linear`` back to ``F.linear``. Returns the number restored."""
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod.__dict__.get("forward"), _SkinnyForward):
+            del mod.forward
             n += 1
     return n
 
