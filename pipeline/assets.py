@@ -6,12 +6,13 @@ The GGUF is de-quantized and saved once as a normal Hugging Face directory under
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import os
 import shutil
 import sys
 from pathlib import Path
+
+from pipeline.locks import FileLock
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
@@ -64,14 +65,13 @@ def smollm2_cached() -> Path | None:
 
 def smollm2_dir() -> Path:
     """The HF directory of SmolLM2-135M-Instruct, converted from the GGUF wheel on first use."""
+    cached = smollm2_cached()
+    if cached is not None:
+        return cached
     target = cache_dir() / "models" / SMOLLM2_NAME
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
     # Several ranks or test workers may ask at once: one converts, the others wait on the lock.
-    with open(target.parent / f".{SMOLLM2_NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (target / "config.json").exists():
+    with FileLock(target.parent / f".{SMOLLM2_NAME}.lock"):
+        if smollm2_cached() is None:
             _convert_smollm2(target)
     return target
 

@@ -139,12 +139,11 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def extract(**kw) -> None:
     """Run the target once over chat data and write a sharded feature store."""
-    from pipeline.extract.runner import ExtractConfig, run_extract
+    from pipeline.extract.runner import run_extract
     from pipeline.extract.vllm_backend import VLLMEngineDied, VLLMRequestError
     from pipeline.store import StoreError
 
-    names = DTYPE_NAMES
-    dtype = names[kw["hidden_dtype"]]
+    dtype = DTYPE_NAMES[kw["hidden_dtype"]]
     fim = tuple(kw["fim_tokens"].split(",")) if kw["fim_tokens"] else None
     if fim is not None and len(fim) != 3:
         raise click.BadParameter("--fim-tokens needs exactly three comma-separated tokens")
@@ -153,11 +152,11 @@ def extract(**kw) -> None:
         backend_options = {"tensor_parallel_size": kw["tensor_parallel_size"],
                            "gpu_memory_utilization": kw["gpu_memory_utilization"],
                            "max_num_seqs": kw["max_num_seqs"], "enforce_eager": kw["enforce_eager"]}  # fmt: skip
-    compute_dtype = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[kw["compute_dtype"]]
+    compute_dtype = DTYPE_NAMES.get(kw["compute_dtype"], "auto")
     cfg = ExtractConfig(
         out=kw["out"], model=kw["model"], data=kw["data"], kind=kw["kind"], offset=kw["offset"], limit=kw["limit"],
         ids_file=kw["ids_file"], max_length=kw["max_length"], top_k=kw["top_k"], hidden_dtype=dtype,
-        logprob_dtype=names[kw["logprob_dtype"]], io_workers=kw["io_workers"],
+        logprob_dtype=DTYPE_NAMES[kw["logprob_dtype"]], io_workers=kw["io_workers"],
         stored_for=kw["stored_for"], aux_layers=_ints(kw["aux_layers"]), shard_size=kw["shard_size"],
         chunk_tokens=kw["chunk_tokens"], codec=kw["codec"], batch_tokens=kw["batch_tokens"], device=kw["device"],
         compute_dtype=compute_dtype, backend=kw["backend"], rank=kw["rank"], world_size=kw["world_size"], progress=not kw["no_progress"],
@@ -271,10 +270,9 @@ def convert(store: Path, out: Path, hidden_dtype: str | None, logprob_dtype: str
     """Re-encode a complete store with other dtypes / codec (e.g. bf16 -> fp8 + zstd) without the target."""
     from pipeline.store import StoreError, reencode_store
 
-    names = DTYPE_NAMES
     try:
-        info = reencode_store(store, out, hidden_dtype=names.get(hidden_dtype), codec=codec,
-                              logprob_dtype=names.get(logprob_dtype), progress=not no_progress)  # fmt: skip
+        info = reencode_store(store, out, hidden_dtype=DTYPE_NAMES.get(hidden_dtype), codec=codec,
+                              logprob_dtype=DTYPE_NAMES.get(logprob_dtype), progress=not no_progress)  # fmt: skip
     except StoreError as e:
         _fail(str(e))
     click.echo(f"{out}: {info['samples']} samples, {info['tokens']} tokens, hidden {info['hidden_dtype']}, "

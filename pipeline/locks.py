@@ -27,10 +27,6 @@ class FileLock:
         self.path = Path(path)
         self._fd: int | None = None
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def acquire(self, blocking: bool = True, record: bool = True) -> bool:
         """Take the lock; returns False when ``blocking`` is off and another holder has it. ``record``: write
         who holds it into the file (off for a mere probe, which must not overwrite the last holder's name)."""

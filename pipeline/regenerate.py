@@ -42,6 +42,7 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline import data as data_mod
 from pipeline.assets import resolve_data, resolve_model
+from pipeline.options import DTYPE_NAMES
 from pipeline.store import config_sha256
 
 MAX_LISTED_SKIPS = 20
@@ -473,7 +474,7 @@ def regenerate_command(**kw) -> None:
                            max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
                            backend=kw["backend"], seed=kw["seed"], max_length=kw["max_length"],
                            batch_size=kw["batch_size"], device=kw["device"], progress=not kw["no_progress"],
-                           dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(kw["dtype"], "auto"),
+                           dtype=DTYPE_NAMES.get(kw["dtype"], "auto"),
                            backend_options=options)  # fmt: skip
     try:
         summary = run_regenerate(cfg)

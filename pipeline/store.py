@@ -462,7 +462,7 @@ class StoreWriter:
             return "absent", []
         if not (path / COMMIT_FILE).exists():  # not made by the commit protocol; it would block the rename
             return "corrupt", [f"{COMMIT_FILE}: missing (the directory is not a committed shard)"]
-        _, problems = open_shard(path, self.digest, self.fields, full=full)
+        _, problems = open_shard(path, self.digest, self.arrays, full=full)
         foreign = [p for p in problems if p.startswith(FOREIGN_SHARD)]
         if foreign:
             raise StoreError(f"{path}: {foreign[0]}")
@@ -671,14 +671,13 @@ class ShardWriter:
             raise StoreError(f"{self.tmp}: shard {self.shard} was abandoned after a failed write ({self.failed})")
         try:
             with self._writing("committing"):
-                return self._commit()
+                stats = self._commit()
         except BaseException:
-            self._wait_writes_quietly()  # no pooled write may recreate files under the removed directory
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.abort()  # releases the claim too
             raise
-        finally:
-            if self.claim is not None:
-                self.claim.release()
+        if self.claim is not None:
+            self.claim.release()
+        return stats
 
     def _commit(self) -> dict:
         self._flush(final=True)
@@ -694,9 +693,8 @@ class ShardWriter:
         _write_arrow(self.tmp / COUNTS_FILE, counts)
         files = sorted(p for p in self.tmp.rglob("*") if p.is_file())
         sizes = {p.relative_to(self.tmp).as_posix(): p.stat().st_size for p in files}
-        lengths = np.array([r["length"] for r in self.index_rows], np.int64)
-        _, problems = tensor_layout(sizes, lambda rel: json.loads((self.tmp / rel).read_text()), self.store.fields,
-                                    int(lengths.sum()))  # fmt: skip
+        _, problems = tensor_layout(sizes, lambda rel: json.loads((self.tmp / rel).read_text()), self.store.arrays,
+                                    self.written_rows)  # fmt: skip
         if problems:  # never publish a shard whose files do not add up (a file lost under a running writer)
             raise StoreError(f"{self.tmp}: shard {self.shard} is incomplete, not committed: {problems[0]}"
                              f"{f' (+{len(problems) - 1} more)' if len(problems) > 1 else ''}; re-run the same "
@@ -753,8 +751,6 @@ def _write_commit_record(directory: Path, meta: dict, files: list[Path] | None =
 
 def _sync_and_hash(files: list[Path]) -> list[str]:
     """fsync + sha256 of each file, several at once (hashlib and fsync release the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     def one(p: Path) -> str:
         with open(p, "rb") as f:
             os.fsync(f.fileno())

@@ -286,8 +286,9 @@ class Eagle1Head(DraftHead):
     def export_layout(self, model, config, fmt, body, dtype, num_speculative_tokens):
         if config.fc_bias:
             raise ValueError("vLLM's EAGLE-1 loader builds fc without bias; train with fc_bias=False to export")
-        prefix = "layers.0."
-        return {"architectures": ["LlamaForCausalLM"], **body}, export_weights(model, "layers.0.", prefix, dtype), prefix
+        prefix = "layers.0."  # vLLM's llama_eagle.py name, which happens to be the module's too
+        weights = export_weights(model, self.layer_prefix, prefix, dtype)
+        return {"architectures": ["LlamaForCausalLM"], **body}, weights, prefix
 
 
 register(Eagle1Head())

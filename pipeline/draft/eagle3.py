@@ -454,7 +454,7 @@ class Eagle3Head(DraftHead):
         else:
             prefix = "layers.0."
             cfg = speculators_config(config, body, common, aux_ids, num_speculative_tokens)
-        weights = export_weights(model, "midlayer.", prefix, dtype)
+        weights = export_weights(model, self.layer_prefix, prefix, dtype)
         if config.draft_vocab_size == config.vocab_size:  # identity maps: vLLM refuses a d2t then
             weights.pop("d2t", None)
             weights.pop("t2d", None)

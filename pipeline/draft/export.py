@@ -168,11 +168,11 @@ def export_draft(model: nn.Module, config: Any | None, out_dir: str | Path,
     cfg, weights, prefix = head.export_layout(model, config, fmt, body, dtype, num_speculative_tokens)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg["pipeline"] = _metadata(config, fmt, prefix, include_embeddings, extra, list(head.target_pieces(model)))
+    shared = head.target_pieces(model)
+    cfg["pipeline"] = _metadata(config, fmt, prefix, include_embeddings, extra, list(shared))
     save_file(weights, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     if include_embeddings:
         (out / SIDECAR_FILE).parent.mkdir(parents=True, exist_ok=True)
-        shared = head.target_pieces(model)
         save_file({k: v.detach().cpu().contiguous() for k, v in shared.items()}, str(out / SIDECAR_FILE),
                   metadata={"format": "pt"})  # fmt: skip
     (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

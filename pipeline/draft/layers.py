@@ -141,7 +141,9 @@ class DocCausal:
         return b, t, t
 
     def dense(self) -> torch.Tensor:
-        return doc_causal_mask(self.doc_ids)
+        if not hasattr(self, "_dense"):  # once per mask, not once per attention call (TTT steps, recomputes)
+            self._dense = doc_causal_mask(self.doc_ids)
+        return self._dense
 
     def rows(self, lo: int, hi: int, key_lo: int, key_hi: int) -> torch.Tensor:
         """``dense()[:, lo:hi, key_lo:key_hi]`` without building the rest."""

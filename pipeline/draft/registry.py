@@ -104,7 +104,8 @@ class DraftHead(ABC):
 
     def target_pieces(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The frozen target weights the head needs at load (written to the export's sidecar)."""
-        return {k: model.state_dict()[k] for k in model.FROZEN}
+        state = model.state_dict()
+        return {k: state[k] for k in model.FROZEN}
 
     def optional_weights(self, config: Any) -> set[str]:
         """Module state an export may leave out (loaded from the target, or defaults)."""

@@ -71,17 +71,14 @@ def _median_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-@torch.no_grad()
-def measure_costs(target, drafter, prefix: int = 128, reps: int = 5, max_tokens: int = 32) -> CostModel:
-    """Time target forwards over ``n`` new tokens after a ``prefix``-token cache, and one draft step, on this
-    machine (median of ``reps``; the first call of each shape is a discarded warm-up)."""
-    from pipeline.draft.layers import KVCache, causal_mask
+def _after_prefix(target, device: torch.device, prefix: int, max_new: int):
+    """A target KV cache holding ``prefix`` random tokens, the prefill's hidden states, and ``forward(n)``: one
+    forward over ``n`` new tokens after that cache, which is then compacted back to the prefix (what a verification
+    of ``n`` costs)."""
     from pipeline.evaluate.target import compact_cache, new_cache, target_forward
 
-    device = drafter.device
     gen = torch.Generator().manual_seed(0)
-    vocab = int(target.config.vocab_size)
-    ids = torch.randint(0, vocab, (1, prefix + max_tokens), generator=gen).to(device)
+    ids = torch.randint(0, int(target.config.vocab_size), (1, prefix + max_new), generator=gen).to(device)
     cache = new_cache(target)
     _, hs = target_forward(target, ids[:, :prefix], torch.arange(prefix, device=device)[None], cache, hidden=True)
 
@@ -90,6 +87,17 @@ def measure_costs(target, drafter, prefix: int = 128, reps: int = 5, max_tokens:
                        cache, hidden=True)  # fmt: skip
         compact_cache(cache, prefix, [])
 
+    return ids, hs, forward
+
+
+@torch.no_grad()
+def measure_costs(target, drafter, prefix: int = 128, reps: int = 5, max_tokens: int = 32) -> CostModel:
+    """Time target forwards over ``n`` new tokens after a ``prefix``-token cache, and one draft step, on this
+    machine (median of ``reps``; the first call of each shape is a discarded warm-up)."""
+    from pipeline.draft.layers import KVCache, causal_mask
+
+    device = drafter.device
+    ids, hs, forward = _after_prefix(target, device, prefix, max_tokens)
     verify_s = {}
     for n in (m for m in MEASURED_TOKENS if m <= max_tokens):
         forward(n)
@@ -117,40 +125,25 @@ def pick_linears(target, drafter, prefix: int = 128, counts: tuple[int, ...] = (
                  reps: int = 3) -> tuple[str, dict[str, dict[int, float]]]:  # fmt: skip
     """``skinny`` or ``stock``, whichever runs target forwards over ``counts`` new tokens (what verification
     feeds) faster on this machine, measured interleaved; leaves target and draft set to the winner. Also returns
-    the medians in ms. On a GPU (or with nothing to compare) ``stock``."""
-    from pipeline.evaluate.target import (
-        compact_cache,
-        new_cache,
-        skinny_linears,
-        stock_linears,
-        target_forward,
-    )
+    the medians in ms. Off the CPU ``stock`` (the skinny path only applies there)."""
+    from pipeline.evaluate.target import skinny_linears, stock_linears
 
-    models = (target, drafter.model)
     if drafter.device.type != "cpu":
         return "stock", {}
-    device = drafter.device
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, int(target.config.vocab_size), (1, prefix + max(counts)), generator=gen).to(device)
-    cache = new_cache(target)
-    target_forward(target, ids[:, :prefix], torch.arange(prefix, device=device)[None], cache)
+    _, _, forward = _after_prefix(target, drafter.device, prefix, max(counts))
     setters = {"stock": stock_linears, "skinny": skinny_linears}
     times: dict[str, dict[int, list[float]]] = {k: {n: [] for n in counts} for k in setters}
     for rep in range(reps + 1):  # round 0 warms both up and is discarded
         for kind, set_kind in setters.items():
-            for m in models:
-                set_kind(m)
+            set_kind(target), set_kind(drafter.model)
             for n in counts:
                 start = time.perf_counter()
-                target_forward(target, ids[:, prefix:prefix + n],
-                               torch.arange(prefix, prefix + n, device=device)[None], cache, hidden=True)  # fmt: skip
+                forward(n)
                 if rep:
                     times[kind][n].append(time.perf_counter() - start)
-                compact_cache(cache, prefix, [])
     ms = {k: {n: 1e3 * statistics.median(v) for n, v in per.items()} for k, per in times.items()}
     best = min(ms, key=lambda k: sum(ms[k].values()))
-    for m in models:
-        setters[best](m)
+    setters[best](target), setters[best](drafter.model)
     return best, ms
 
 

@@ -96,7 +96,7 @@ def speculative_generate(target, drafter: Drafter, prompt: torch.Tensor, setting
         new_h = drafter.row_inputs(hs, torch.tensor(rows, device=device))
         new_ids = torch.tensor([new], device=device)
         new_pos = torch.arange(past, past + len(rows), device=device)[None]
-        if drafted is None and budget is not None:  # nothing fed this round: the waiting rows stay waiting
+        if drafted is None:  # a skipped round (budget only): nothing fed, the waiting rows stay waiting
             rows_h, rows_ids = torch.cat([rows_h, new_h], 1), torch.cat([rows_ids, new_ids], 1)
             rows_pos = torch.cat([rows_pos, new_pos], 1)
         else:

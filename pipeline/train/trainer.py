@@ -110,7 +110,8 @@ def open_store(cfg: TrainConfig) -> StoreReader:
     if level not in INTEGRITY_LEVELS:
         raise ValueError(f"--integrity {level!r}: choose one of {', '.join(INTEGRITY_LEVELS)}")
     # refuses an incomplete or damaged store, naming the missing shards or the first damaged file
-    reader = StoreReader(cfg.feats, verify_reads=level != "open")
+    # "full" re-hashes every file below, before training reads any: hashing each chunk again on read would repeat it
+    reader = StoreReader(cfg.feats, verify_reads=level == "read")
     missing = missing_fingerprint_fields(reader.fingerprint)
     if missing:
         raise StoreError(f"{cfg.feats}: fingerprint incomplete, missing {', '.join(missing)}")
