@@ -9,8 +9,9 @@ from synthetic_draft import decoding_target, fit_draft, fit_prompts, tiny_draft
 from synthetic_target import tiny_target, tiny_target_config
 
 from pipeline.evaluate.budget import AcceptanceModel, Budget, CostModel
-from pipeline.evaluate.decode import speculative_generate
+from pipeline.evaluate.decode import _Joined, speculative_generate
 from pipeline.evaluate.drafter import Drafter, DraftSettings
+from pipeline.evaluate.runner import run_turn
 from pipeline.evaluate.target import target_generate
 from pipeline.evaluate.tree import Tree
 
@@ -130,6 +131,38 @@ def test_auto_linears_measure_both_kernels_and_keep_the_faster(target, heads):
     assert not any("forward" in m.__dict__ for m in target.modules() if type(m) is torch.nn.Linear)
 
 
+class EveryThird(Budget):
+    """Drafts on every third round only: the rows of the two skipped rounds wait as target hidden states."""
+
+    def should_draft(self, max_depth: int) -> bool:
+        self.decisions["rounds"] += 1
+        return self.decisions["rounds"] % 3 == 1
+
+
+def test_rows_of_skipped_rounds_reach_the_draft(target, heads):
+    drafters, prompts = heads
+    drafter = drafters["fitted"]
+    # the features a skipped round leaves waiting are those of computing them round by round
+    for variant_drafter in (drafter, Drafter(tiny_draft(target, "eagle1", AUX, seed=3))):
+        hs1 = target(prompts[0][None], output_hidden_states=True).hidden_states
+        hs2 = target(prompts[1][None], output_hidden_states=True).hidden_states
+        rows = torch.tensor([0, 2])
+        joined = variant_drafter.row_inputs(_Joined([(hs1, None), (hs2, rows)]))
+        apart = torch.cat([variant_drafter.row_inputs(hs1), variant_drafter.row_inputs(hs2, rows)], 1)
+        torch.testing.assert_close(joined, apart)
+    # and a head fitted to the target keeps its acceptance when it only drafts every third round: rows fed late,
+    # in one batch, at their own positions (misaligned rows would make its first drafts mostly wrong)
+    rates = {}
+    for name, budget in (("every round", None), ("every third", EveryThird(costs(0.02)))):
+        attempted = accepted = 0
+        for i in range(4):
+            spec = speculative_generate(target, drafter, prompts[i], MODES["chain"], 24, set(), budget=budget)
+            assert spec.tokens == target_generate(target, prompts[i], 24, set()).tokens
+            attempted, accepted = attempted + spec.attempted[0], accepted + spec.accepted[0]
+        rates[name] = accepted / attempted
+    assert rates["every third"] > 0.7 and rates["every third"] > rates["every round"] - 0.1, rates
+
+
 def test_probes_back_off_while_refused_and_reset_when_accepted():
     budget = Budget(costs(slope=5.0))  # verifying anything costs far more than it can return: always skip
     budget.recent_first = 0.0
@@ -143,3 +176,14 @@ def test_probes_back_off_while_refused_and_reset_when_accepted():
             skipped += 1
     assert gaps[:8] == [3, 7, 15, 31, 31, 3, 7, 15]
     assert budget.decisions["probes"] == len(gaps)
+
+
+def test_repeats_time_again_but_decide_and_learn_once(target, heads):
+    drafters, prompts = heads
+    once, twice = Budget(costs(0.02)), Budget(costs(0.02))
+    ids = prompts[0].tolist()
+    a = run_turn(target, drafters["fitted"], ids, MODES["chain"], 16, set(), 0, once, ())
+    b = run_turn(target, drafters["fitted"], ids, MODES["chain"], 16, set(), 0, twice, (), repeats=3)
+    assert a[0].tokens == b[0].tokens == a[1].tokens == b[1].tokens
+    assert a[0].accept_lengths == b[0].accept_lengths and b[0].target_forwards == a[0].target_forwards
+    assert once.decisions == twice.decisions and once.acceptance.state() == twice.acceptance.state()

@@ -57,10 +57,13 @@ DRAFT = defaults(DraftSettings)  # chain/tree option defaults: one source
               "vLLM decoding.")  # fmt: skip
 @click.option("--enforce-eager/--no-enforce-eager", default=None,
               help="--engine vllm: no torch.compile / CUDA graphs (default: eager on vLLM's CPU build only).")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Time every decoding this many times (alternating, identical outputs) and keep the fastest of "
+                   "each: steadier speedups on a shared machine.")  # fmt: skip
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def eval_command(draft_dir, model, bench, prompts_file, limit, mode, depth, top_k, total_tokens, temperature,
                  max_new_tokens, report_path, seed, device, dtype, compare, policy, costs_file, recalibrate, baselines,
-                 linears, threads, engine, enforce_eager, no_progress) -> None:  # fmt: skip
+                 linears, threads, engine, enforce_eager, repeats, no_progress) -> None:  # fmt: skip
     """Speculative decoding with a trained EAGLE draft head: tau, per-position acceptance, speedup, losslessness.
 
     tau counts tokens per target verification forward including the bonus token; the prefill forward and the
@@ -106,7 +109,7 @@ def eval_command(draft_dir, model, bench, prompts_file, limit, mode, depth, top_
                                      temperature=temperature, max_new_tokens=max_new_tokens,
                                      report_path=report_path, seed=seed, device=device, dtype=dtype,
                                      policy=policy, costs=costs_file, recalibrate=recalibrate,
-                                     baselines=_baselines(baselines), linears=linears,
+                                     baselines=_baselines(baselines), linears=linears, repeats=repeats,
                                      progress=not no_progress)  # fmt: skip
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from e
@@ -132,7 +135,7 @@ def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: s
              temperature: float = DRAFT["temperature"], max_new_tokens: int = 256,
              report_path: str | Path | None = None, seed: int = 0, device: str = "auto", dtype: str = "fp32",
              policy: str = "adaptive", costs: str | Path | None = None, recalibrate: bool = False,
-             baselines: tuple[str, ...] | None = None, linears: str = "auto",
+             baselines: tuple[str, ...] | None = None, linears: str = "auto", repeats: int = 1,
              progress: bool = True) -> tuple[dict, Path, Path]:  # fmt: skip
     """The whole `pipeline eval` run; returns (report, JSON path, PNG path)."""
     import torch
@@ -172,10 +175,10 @@ def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: s
         raise ValueError(f"policy must be adaptive|fixed, not {policy!r}")
     baselines = BASELINES if baselines is None else baselines
     records = run_eval(target, tokenizer, drafter, conversations, settings, max_new_tokens, stop_ids, seed, progress,
-                       budget=budget, baselines=baselines)  # fmt: skip
+                       budget=budget, baselines=baselines, repeats=repeats)  # fmt: skip
     report = build_report(
         records,
-        settings={**vars(settings), "policy": policy, "linears": linears, "linears_ms": linears_ms, "baselines": list(baselines), "max_new_tokens": max_new_tokens, "seed": seed, "device": str(dev),
+        settings={**vars(settings), "policy": policy, "linears": linears, "linears_ms": linears_ms, "repeats": repeats, "baselines": list(baselines), "max_new_tokens": max_new_tokens, "seed": seed, "device": str(dev),
                   "dtype": dtype, "cpu_threads": torch.get_num_threads(), "prompts": str(prompts) if prompts else (bench or "mt-bench"), "limit": limit,
                   "stop_token_ids": sorted(stop_ids), "code_version": __version__},
         draft={"path": str(Path(draft_dir).resolve()), "variant": meta["variant"], "fmt": meta.get("fmt"),

@@ -65,8 +65,9 @@ def speculative_generate(target, drafter: Drafter, prompt: torch.Tensor, setting
     logits, hs = target_forward(target, prompt, torch.arange(n, device=device)[None], cache, hidden=True,
                                 last_only=True)  # fmt: skip
     tokens, done = finish([pick(logits[-1], settings.temperature, generator)], max_new_tokens, stop_ids)
-    # the draft rows waiting to be fed: (target feature of position t, token t + 1, position t)
-    rows_h = drafter.row_inputs(hs)
+    # the draft rows waiting to be fed: (target feature of position t, token t + 1, position t); the features stay
+    # as the target's hidden states until a round drafts, so that a skipped round computes nothing for the draft
+    waiting = [(hs, None)]
     rows_ids = torch.cat([prompt[0, 1:], torch.tensor(tokens[-1:], device=device)])[None]
     rows_pos = torch.arange(n, device=device)[None]
     attempted, accepted = [0] * settings.depth, [0] * settings.depth
@@ -76,6 +77,7 @@ def speculative_generate(target, drafter: Drafter, prompt: torch.Tensor, setting
         depth = min(settings.depth, max_new_tokens - len(tokens) - 1)
         drafted = None
         if budget is None or (depth > 0 and budget.should_draft(depth)):
+            rows_h = drafter.row_inputs(_Joined(waiting))
             tree, drafted = propose(drafter, dcache, rows_h, rows_ids, rows_pos, settings, depth, generator, budget)
         else:
             tree = Tree.empty(device)
@@ -93,14 +95,29 @@ def speculative_generate(target, drafter: Drafter, prompt: torch.Tensor, setting
             accepted[d] += d < len(verdict.path)
         if budget is not None and drafted is not None:
             budget.observe(drafted, tree, verdict, new, settings.temperature)
-        new_h = drafter.row_inputs(hs, torch.tensor(rows, device=device))
         new_ids = torch.tensor([new], device=device)
         new_pos = torch.arange(past, past + len(rows), device=device)[None]
+        kept = (hs, None if len(rows) == len(tree) + 1 else torch.tensor(rows, device=device))
         if drafted is None:  # a skipped round (budget only): nothing fed, the waiting rows stay waiting
-            rows_h, rows_ids = torch.cat([rows_h, new_h], 1), torch.cat([rows_ids, new_ids], 1)
-            rows_pos = torch.cat([rows_pos, new_pos], 1)
+            waiting.append(kept)
+            rows_ids, rows_pos = torch.cat([rows_ids, new_ids], 1), torch.cat([rows_pos, new_pos], 1)
         else:
-            rows_h, rows_ids, rows_pos = new_h, new_ids, new_pos
+            waiting, rows_ids, rows_pos = [kept], new_ids, new_pos
     sync(device)
     return Generation(tokens, time.perf_counter() - start, len(lengths), accept_lengths=lengths,
                       attempted=attempted, accepted=accepted)  # fmt: skip
+
+
+class _Joined:
+    """The hidden states of several target forwards (each with the rows kept, ``None``: all) read as one forward's:
+    ``[i]`` is layer ``i``'s states of every kept row, in order. Only the layers a head reads are joined."""
+
+    def __init__(self, forwards: list[tuple[tuple, torch.Tensor | None]]):
+        self.forwards = forwards
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        parts = [hs[i] if rows is None else hs[i][:, rows] for hs, rows in self.forwards]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+    def __len__(self) -> int:
+        return len(self.forwards[0][0])

@@ -131,6 +131,8 @@ def compact_cache(cache, past: int, rows: list[int]) -> None:
     (their length is the tensor length) can be compacted this way.
     """
     contiguous = rows == list(range(len(rows)))
+    if contiguous and cache_length(cache) == past + len(rows):
+        return  # nothing to drop (a plain step, or every drafted token accepted)
     for layer in cache.layers:
         if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
             raise TargetError(f"cannot compact a {type(layer).__name__} cache layer (sliding/linear attention)")
