@@ -124,7 +124,8 @@ def format_table(rows: list[dict]) -> str:
                      f"{'-' if r['mismatches'] is None else r['mismatches']:>10}")  # fmt: skip
     lines.append("τ: tokens per target forward while decoding, counting the target's bonus token; sim τ: held-out "
                  "simulated greedy chain from training; speedup: tok/s over plain greedy decoding of the same prompts "
-                 "in the same run, each decoding's fastest of --repeats timings (heads: cost-aware drafting, at most depth "
+                 "in the same run, each decoding's fastest of --repeats timings (heads: cost-aware drafting, at most "
+                 "depth "
                  f"{DemoConfig.depth} / {DemoConfig.total_tokens} tree nodes).")  # fmt: skip
     return "\n".join(lines)
 

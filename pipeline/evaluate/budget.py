@@ -135,16 +135,15 @@ def pick_linears(target, drafter, prefix: int = 128, counts: tuple[int, ...] = (
     """``skinny`` or ``stock``, whichever runs target forwards over ``counts`` new tokens (what verification
     feeds) faster on this machine, measured interleaved; leaves target and draft set to the winner. Also returns
     the medians in ms. Off the CPU ``stock`` (the skinny path only applies there)."""
-    from pipeline.evaluate.target import skinny_linears, stock_linears
+    from pipeline.evaluate.target import set_linears
 
     if drafter.device.type != "cpu":
         return "stock", {}
     _, _, forward = _after_prefix(target, drafter.device, prefix, max(counts))
-    setters = {"stock": stock_linears, "skinny": skinny_linears}
-    times: dict[str, dict[int, list[float]]] = {k: {n: [] for n in counts} for k in setters}
+    times: dict[str, dict[int, list[float]]] = {k: {n: [] for n in counts} for k in ("stock", "skinny")}
     for rep in range(reps + 1):  # round 0 warms both up and is discarded
-        for kind, set_kind in setters.items():
-            set_kind(target), set_kind(drafter.model)
+        for kind in times:
+            set_linears(kind, target, drafter.model)
             for n in counts:
                 start = time.perf_counter()
                 forward(n)
@@ -152,7 +151,7 @@ def pick_linears(target, drafter, prefix: int = 128, counts: tuple[int, ...] = (
                     times[kind][n].append(time.perf_counter() - start)
     ms = {k: {n: 1e3 * statistics.median(v) for n, v in per.items()} for k, per in times.items()}
     best = min(ms, key=lambda k: sum(ms[k].values()))
-    setters[best](target), setters[best](drafter.model)
+    set_linears(best, target, drafter.model)
     return best, ms
 
 

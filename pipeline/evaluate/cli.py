@@ -146,7 +146,7 @@ def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: s
     from pipeline.evaluate.prompts import load_conversations
     from pipeline.evaluate.report import build_report, write_report
     from pipeline.evaluate.runner import BASELINES, check_pair, load_drafter, resolve_target_path, run_eval
-    from pipeline.evaluate.target import load_target, skinny_linears, stop_token_ids
+    from pipeline.evaluate.target import load_target, set_linears, stop_token_ids
 
     settings = DraftSettings(mode=mode, depth=depth, top_k=top_k, total_tokens=total_tokens, temperature=temperature)
     dev, torch_dtype = pick_device(device), getattr(torch, DTYPES[dtype])
@@ -159,10 +159,9 @@ def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: s
         from pipeline.evaluate.budget import pick_linears
 
         linears, linears_ms = pick_linears(target, drafter)
-    elif linears == "skinny":
-        skinny_linears(target)
-        skinny_linears(drafter.model)
-    elif linears != "stock":
+    elif linears in ("skinny", "stock"):
+        set_linears(linears, target, drafter.model)
+    else:
         raise ValueError(f"linears must be auto|skinny|stock, not {linears!r}")
     conversations = load_conversations(bench, prompts, limit)
     stop_ids = stop_token_ids(tokenizer, getattr(target, "generation_config", None), target.config)

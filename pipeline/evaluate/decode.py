@@ -118,6 +118,3 @@ class _Joined:
     def __getitem__(self, i: int) -> torch.Tensor:
         parts = [hs[i] if rows is None else hs[i][:, rows] for hs, rows in self.forwards]
         return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-
-    def __len__(self) -> int:
-        return len(self.forwards[0][0])

@@ -84,10 +84,9 @@ def run_turn(target, drafter: Drafter, prompt_ids: list[int], settings: DraftSet
         return torch.Generator(device=device).manual_seed(seed)
 
     lookup = {"generate": None, "prompt_lookup": PROMPT_LOOKUP_TOKENS}
-    before = copy.deepcopy(budget) if repeats > 1 else None
     kept: dict[str, Generation] = {}
-    for r in range(repeats):
-        trial = budget if r == repeats - 1 else copy.deepcopy(before)
+    for r in range(repeats):  # earlier repeats decide on a copy: the budget learns from the last one only
+        trial = budget if r == repeats - 1 else copy.deepcopy(budget)
         runs = {"spec": speculative_generate(target, drafter, prompt, settings, max_new_tokens, stop_ids, gen(), trial),
                 "plain": target_generate(target, prompt, max_new_tokens, stop_ids, settings.temperature, gen())}
         runs.update({name: hf_generate(target, prompt, max_new_tokens, stop_ids, settings.temperature, lookup[name],
@@ -102,8 +101,9 @@ def run_eval(target, tokenizer, drafter: Drafter, conversations: list[Conversati
              max_new_tokens: int, stop_ids: set[int], seed: int = 0, progress: bool = True,
              warmup: bool = True, budget: Budget | None = None,
              baselines: tuple[str, ...] = BASELINES, repeats: int = 1) -> list[dict[str, Any]]:  # fmt: skip
-    """One record per answered turn (``repeats``: see :func:`run_turn`). Later turns of a conversation are asked after the speculative decoder's
-    own answer (identical to the target's in greedy mode). ``budget`` learns across the whole run."""
+    """One record per answered turn (``repeats``: see :func:`run_turn`). Later turns of a conversation are asked
+    after the speculative decoder's own answer (identical to the target's in greedy mode). ``budget`` learns across
+    the whole run."""
     if warmup:  # first calls pay for allocator/kernel setup; keep that out of every timing
         first = conversations[0]
         ids = render(tokenizer, first.messages or [{"role": "user", "content": first.turns[0]}])

@@ -59,6 +59,13 @@ def stock_linears(model) -> int:
     return n
 
 
+def set_linears(kind: str, *models) -> None:
+    """``skinny`` (:func:`skinny_linears`) or ``stock`` (:func:`stock_linears`) linears on every model given."""
+    setter = {"skinny": skinny_linears, "stock": stock_linears}[kind]
+    for model in models:
+        setter(model)
+
+
 class _SkinnyForward:
     def __init__(self, mod: torch.nn.Linear, max_rows: int):
         self.mod, self.max_rows = mod, max_rows
