@@ -3,7 +3,7 @@
 # choices kept (1,024-token packed rows, lr 2e-3, one EAGLE-3 TTT step, 4,096-token draft vocabulary, cost-aware
 # drafting). About an hour on the 2-core CPU (its measured numbers are in README.md); every stage resumes where it
 # stopped when run again with the same OUT_DIR. One extraction is reused by both heads; the held-out simulated τ
-# picks the exported checkpoint of each run.
+# picks the exported checkpoint of each run. A finished run (its summary.json) is not trained again.
 #   scripts/recipe.sh [OUT_DIR] [MT_BENCH_QUESTIONS] [NEW_TOKENS]      (default: recipe/ 10 128)
 # All 80 questions with 256 new tokens: scripts/recipe.sh recipe 80 256 (hours per head and mode on this CPU,
 # minutes on a GPU with --device cuda).
@@ -15,8 +15,8 @@ P=${PIPELINE:-.venv/bin/pipeline}
 $P extract --out "$OUT/feats" --limit 400 --max-length 1024 --shard-size 50
 $P inspect "$OUT/feats"
 COMMON=(--tokens-per-batch 1024 --lr 2e-3 --val-fraction 0.05 --eval-every 100 --save-every 100 --no-progress)
-$P train --feats "$OUT/feats" --variant eagle1 --out "$OUT/runs/eagle1" --max-steps 400 "${COMMON[@]}"
-$P train --feats "$OUT/feats" --variant eagle3 --out "$OUT/runs/eagle3" --max-steps 800 --draft-vocab-size 4096 \
+[ -f "$OUT/runs/eagle1/summary.json" ] || $P train --feats "$OUT/feats" --variant eagle1 --out "$OUT/runs/eagle1" --max-steps 400 "${COMMON[@]}"
+[ -f "$OUT/runs/eagle3/summary.json" ] || $P train --feats "$OUT/feats" --variant eagle3 --out "$OUT/runs/eagle3" --max-steps 800 --draft-vocab-size 4096 \
   --ttt-steps 1 "${COMMON[@]}"
 for head in eagle1 eagle3; do
   [ -d "$OUT/heads/$head" ] || $P export "$OUT/runs/$head" --weights best --out "$OUT/heads/$head"
