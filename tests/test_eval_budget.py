@@ -37,6 +37,23 @@ def test_best_count_maximises_the_expected_rate():
     assert b.can_improve(0.0, 0, 0, 1.0, bound=0.5, more=3) and not b.can_improve(0.0, 0, 0, 1.0, bound=0.05, more=3)
 
 
+def test_a_cost_model_measured_under_another_load_is_reported():
+    from pipeline.evaluate.budget import check_costs
+    from pipeline.evaluate.report import cost_warning
+
+    def turns(step_s: float) -> list[dict]:  # two turns of plain decoding at step_s seconds per token
+        return [{"baseline": {"wall_s": step_s * n, "new_tokens": n}} for n in (100, 28)]
+
+    model = CostModel({1: 0.050, 2: 0.057}, 0.003)  # cached while the CPU was busier than now
+    for step_s, stale in ((0.038, True), (0.047, False), (0.058, False), (0.070, True)):
+        check = check_costs(model, turns(step_s))
+        assert check["observed_step_s"] == pytest.approx(step_s) and check["stale"] is stale
+        warning = cost_warning({"budget": {"cost_check": check}})
+        assert (warning is not None) is stale
+    assert "50.0 ms" in warning and "70.0 ms" in warning and "--recalibrate" in warning
+    assert cost_warning({}) is None  # --policy fixed: no cost model, no check
+
+
 def test_acceptance_model_starts_at_identity_and_learns():
     m = AcceptanceModel(bins=10, prior=4.0)
     assert m(torch.tensor([0.05, 0.55, 0.95])).tolist() == pytest.approx([0.05, 0.55, 0.95])

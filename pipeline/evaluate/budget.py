@@ -167,6 +167,21 @@ def costs_key(target, drafter, dtype: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+STALE_RANGE = (0.8, 1.25)  # observed / modelled plain-step time outside this: the cost model was measured under
+# another load (a cached model measured while the CPU was busy, or a busier CPU now) and decides on wrong prices
+
+
+def check_costs(costs: CostModel, records: list[dict]) -> dict:
+    """The cost model's 1-token forward against what this run's plain decoding actually took per token (its wall
+    time over its new tokens, the prefill included: close enough at a tolerance of 25%)."""
+    wall = sum(r["baseline"]["wall_s"] for r in records)
+    tokens = sum(r["baseline"]["new_tokens"] for r in records)
+    observed = wall / max(tokens, 1)
+    ratio = observed / costs.verify(1)
+    return {"modelled_step_s": costs.verify(1), "observed_step_s": observed, "ratio": ratio,
+            "stale": not STALE_RANGE[0] <= ratio <= STALE_RANGE[1]}  # fmt: skip
+
+
 def load_costs(target, drafter, dtype: str, path: str | Path | None = None, recalibrate: bool = False) -> CostModel:
     """The cost model from ``path`` (a JSON file written by an earlier run), else the per-machine cache, measuring
     (and caching) it when absent or when ``recalibrate``."""

@@ -186,7 +186,9 @@ def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: s
                 "num_layers": target.config.num_hidden_layers, "config_matches_recorded": config_match},
     )  # fmt: skip
     if budget is not None:
-        report["budget"] = budget.report()
+        from pipeline.evaluate.budget import check_costs
+
+        report["budget"] = {**budget.report(), "cost_check": check_costs(budget.costs, records)}
     if report_path is None:
         report_path = Path(f"eval-{Path(draft_dir).resolve().name}-{mode}.json")
     path, png = write_report(report, report_path)

@@ -122,6 +122,16 @@ def _fmt(v: Any, unit: str = "", digits: int = 2) -> str:
     return f"{v}{unit}"
 
 
+def cost_warning(report: dict[str, Any]) -> str | None:
+    """A line for a report whose cost model disagrees with the plain decoding timed in the same run."""
+    check = report.get("budget", {}).get("cost_check")
+    if not check or not check["stale"]:
+        return None
+    return (f"the cost model prices a 1-token target forward at {1e3 * check['modelled_step_s']:.1f} ms, this run's "
+            f"plain decoding took {1e3 * check['observed_step_s']:.1f} ms per token: it was measured under another "
+            f"load, so drafting decided on wrong costs; --recalibrate measures it again")  # fmt: skip
+
+
 def format_summary(report: dict[str, Any]) -> str:
     s = report["settings"]
     pos = " ".join(_fmt(r) for r in report["per_position_acceptance"])
@@ -156,6 +166,8 @@ def format_summary(report: dict[str, Any]) -> str:
         d = report["budget"]["decisions"]
         lines.append(f"budget     cost-aware drafting: {d['skipped']} of {d['rounds']} rounds drafted nothing, "
                      f"{d['verified_drafts']} drafted tokens verified")  # fmt: skip
+        if warning := cost_warning(report):
+            lines.append(f"warning    {warning}")
     return "\n".join(lines)
 
 
