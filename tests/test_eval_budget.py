@@ -41,8 +41,8 @@ def test_a_cost_model_measured_under_another_load_is_reported():
     from pipeline.evaluate.budget import check_costs
     from pipeline.evaluate.report import cost_warning
 
-    def turns(step_s: float) -> list[dict]:  # two turns of plain decoding at step_s seconds per token
-        return [{"baseline": {"wall_s": step_s * n, "new_tokens": n}} for n in (100, 28)]
+    def turns(step_s: float) -> list[dict]:  # two turns of plain decoding at step_s seconds per decoding forward
+        return [{"baseline": {"wall_s": 0.3 + step_s * n, "prefill_s": 0.3, "target_forwards": n}} for n in (99, 27)]
 
     model = CostModel({1: 0.050, 2: 0.057}, 0.003)  # cached while the CPU was busier than now
     for step_s, stale in ((0.038, True), (0.047, False), (0.058, False), (0.070, True)):
@@ -52,6 +52,8 @@ def test_a_cost_model_measured_under_another_load_is_reported():
         assert (warning is not None) is stale
     assert "50.0 ms" in warning and "70.0 ms" in warning and "--recalibrate" in warning
     assert cost_warning({}) is None  # --policy fixed: no cost model, no check
+    stopped_at_once = [{"baseline": {"wall_s": 0.3, "prefill_s": 0.3, "target_forwards": 0}}]
+    assert check_costs(model, stopped_at_once) is None  # no decoding forward to compare
 
 
 def test_acceptance_model_starts_at_identity_and_learns():

@@ -118,6 +118,13 @@ def test_cli_on_a_tiny_target(tmp_path, tiny_llama_dir):
     # the second turn is asked after the first answer: a longer prompt
     assert rep["prompts"][1]["prompt_tokens"] > rep["prompts"][0]["prompt_tokens"] + 3
     assert out.with_suffix(".png").exists() and "tau" in res.output and "mismatches 0" in res.output
+    # the cost model against the plain decoding timed in the same run (its decoding forwards, the prefill apart)
+    check, plain = rep["budget"]["cost_check"], [r["baseline"] for r in rep["prompts"]]
+    assert all(0 < b["prefill_s"] < b["wall_s"] for b in plain)
+    assert check["observed_step_s"] == pytest.approx(sum(b["wall_s"] - b["prefill_s"] for b in plain)
+                                                     / sum(b["target_forwards"] for b in plain))  # fmt: skip
+    assert check["ratio"] == pytest.approx(check["observed_step_s"] / check["modelled_step_s"])
+    assert ("warning    the cost model" in res.output) == check["stale"]
     head.config.target_name = "/nowhere/tiny"
     lost = export_draft(head, None, tmp_path / "lost", dtype=torch.float32)
     res = CliRunner().invoke(eval_command, ["--draft", str(lost), "--prompts", str(prompts)])

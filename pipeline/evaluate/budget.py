@@ -75,7 +75,7 @@ def _after_prefix(target, device: torch.device, prefix: int, max_new: int):
     """A target KV cache holding ``prefix`` random tokens, the prefill's hidden states, and ``forward(n)``: one
     forward over ``n`` new tokens after that cache, which is then compacted back to the prefix (what a verification
     of ``n`` costs)."""
-    from pipeline.evaluate.target import compact_cache, new_cache, target_forward
+    from pipeline.evaluate.target import compact_cache, new_cache, sync, target_forward
 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, int(target.config.vocab_size), (1, prefix + max_new), generator=gen).to(device)
@@ -86,6 +86,7 @@ def _after_prefix(target, device: torch.device, prefix: int, max_new: int):
         target_forward(target, ids[:, prefix:prefix + n], torch.arange(prefix, prefix + n, device=device)[None],
                        cache, hidden=True)  # fmt: skip
         compact_cache(cache, prefix, [])
+        sync(device)  # on a GPU the kernels run asynchronously: time them, not their launch
 
     return ids, hs, forward
 
@@ -95,6 +96,7 @@ def measure_costs(target, drafter, prefix: int = 128, reps: int = 5, max_tokens:
     """Time target forwards over ``n`` new tokens after a ``prefix``-token cache, and one draft step, on this
     machine (median of ``reps``; the first call of each shape is a discarded warm-up)."""
     from pipeline.draft.layers import KVCache, causal_mask
+    from pipeline.evaluate.target import sync
 
     device = drafter.device
     ids, hs, forward = _after_prefix(target, device, prefix, max_tokens)
@@ -113,6 +115,7 @@ def measure_costs(target, drafter, prefix: int = 128, reps: int = 5, max_tokens:
         drafter.step(rows[:, -1:], ids[:, prefix:prefix + 1], torch.tensor([[prefix]], device=device), dcache, one,
                      last_only=True)  # fmt: skip
         dcache.crop(prefix)
+        sync(device)
 
     def draft_after_forward() -> float:
         # Timed right after a target forward, as in decoding: that forward evicts the draft's weights from the CPU's
@@ -167,16 +170,18 @@ def costs_key(target, drafter, dtype: str) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-STALE_RANGE = (0.8, 1.25)  # observed / modelled plain-step time outside this: the cost model was measured under
-# another load (a cached model measured while the CPU was busy, or a busier CPU now) and decides on wrong prices
+STALE_RANGE = (0.8, 1.25)  # observed / modelled plain-step time outside this: the cost model was probably measured
+# under another load (cached while the CPU was busy, or the CPU is busier now) and decides on wrong prices
 
 
-def check_costs(costs: CostModel, records: list[dict]) -> dict:
-    """The cost model's 1-token forward against what this run's plain decoding actually took per token (its wall
-    time over its new tokens, the prefill included: close enough at a tolerance of 25%)."""
-    wall = sum(r["baseline"]["wall_s"] for r in records)
-    tokens = sum(r["baseline"]["new_tokens"] for r in records)
-    observed = wall / max(tokens, 1)
+def check_costs(costs: CostModel, records: list[dict]) -> dict | None:
+    """The cost model's 1-token forward against what this run's plain decoding took per decoding forward (its wall
+    time less the prefill, over its forwards); None when the plain decoding made no decoding forward."""
+    plain = [r["baseline"] for r in records]
+    forwards = sum(b["target_forwards"] for b in plain)
+    if forwards == 0 or costs.verify(1) <= 0:
+        return None
+    observed = sum(b["wall_s"] - b["prefill_s"] for b in plain) / forwards
     ratio = observed / costs.verify(1)
     return {"modelled_step_s": costs.verify(1), "observed_step_s": observed, "ratio": ratio,
             "stale": not STALE_RANGE[0] <= ratio <= STALE_RANGE[1]}  # fmt: skip

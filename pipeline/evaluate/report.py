@@ -128,8 +128,9 @@ def cost_warning(report: dict[str, Any]) -> str | None:
     if not check or not check["stale"]:
         return None
     return (f"the cost model prices a 1-token target forward at {1e3 * check['modelled_step_s']:.1f} ms, this run's "
-            f"plain decoding took {1e3 * check['observed_step_s']:.1f} ms per token: it was measured under another "
-            f"load, so drafting decided on wrong costs; --recalibrate measures it again")  # fmt: skip
+            f"plain decoding took {1e3 * check['observed_step_s']:.1f} ms per step: it was probably measured under "
+            f"another load, so drafting weighed wrong costs; `pipeline eval --recalibrate` measures it again (or "
+            f"delete the cached models in $PIPELINE_CACHE/costs/)")  # fmt: skip
 
 
 def format_summary(report: dict[str, Any]) -> str:

@@ -64,7 +64,8 @@ def check_pair(target, drafter: Drafter, target_dir: Path, meta: dict) -> bool:
 
 def _generation_record(g: Generation) -> dict[str, Any]:
     return {"new_tokens": len(g.tokens), "decode_tokens": g.decode_tokens, "target_forwards": g.target_forwards,
-            "prefill_forwards": g.prefill_forwards, "wall_s": g.wall_s, "tokens_per_s": g.tokens_per_s}  # fmt: skip
+            "prefill_forwards": g.prefill_forwards, "wall_s": g.wall_s, "prefill_s": g.prefill_s,
+            "tokens_per_s": g.tokens_per_s}  # fmt: skip
 
 
 def run_turn(target, drafter: Drafter, prompt_ids: list[int], settings: DraftSettings, max_new_tokens: int,

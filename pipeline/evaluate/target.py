@@ -191,6 +191,7 @@ class Generation:
     accept_lengths: list[int] = field(default_factory=list)
     attempted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    prefill_s: float | None = None  # seconds of the prefill forward and its token, where the decoder timed it apart
 
     @property
     def decode_tokens(self) -> int:
@@ -218,6 +219,8 @@ def target_generate(model, prompt: torch.Tensor, max_new_tokens: int, stop_ids: 
     n = prompt.shape[1]
     logits, _ = target_forward(model, prompt, torch.arange(n, device=device)[None], cache, last_only=True)
     tokens, done = finish([pick(logits[-1], temperature, generator)], max_new_tokens, stop_ids)
+    sync(device)
+    prefill_s = time.perf_counter() - start
     forwards = 0
     while not done:
         pos = torch.tensor([[n + len(tokens) - 1]], device=device)
@@ -225,7 +228,7 @@ def target_generate(model, prompt: torch.Tensor, max_new_tokens: int, stop_ids: 
         forwards += 1
         tokens, done = finish(tokens + [pick(logits[-1], temperature, generator)], max_new_tokens, stop_ids)
     sync(device)
-    return Generation(tokens, time.perf_counter() - start, forwards, accept_lengths=[1] * forwards)
+    return Generation(tokens, time.perf_counter() - start, forwards, accept_lengths=[1] * forwards, prefill_s=prefill_s)
 
 
 @torch.no_grad()
