@@ -17,9 +17,10 @@ P=${PIPELINE:-.venv/bin/pipeline}
 $P extract --out "$OUT/feats" --limit 400 --max-length 1024 --shard-size 50
 $P inspect "$OUT/feats"
 COMMON=(--tokens-per-batch 1024 --lr 2e-3 --val-fraction 0.05 --eval-every 100 --save-every 100 --no-progress)
-[ -f "$OUT/runs/eagle1/summary.json" ] || $P train --feats "$OUT/feats" --variant eagle1 --out "$OUT/runs/eagle1" --max-steps 400 "${COMMON[@]}"
-[ -f "$OUT/runs/eagle3/summary.json" ] || $P train --feats "$OUT/feats" --variant eagle3 --out "$OUT/runs/eagle3" --max-steps 800 --draft-vocab-size 4096 \
-  --ttt-steps 1 "${COMMON[@]}"
+[ -f "$OUT/runs/eagle1/summary.json" ] || $P train --feats "$OUT/feats" --variant eagle1 --out "$OUT/runs/eagle1" \
+  --max-steps 400 "${COMMON[@]}"
+[ -f "$OUT/runs/eagle3/summary.json" ] || $P train --feats "$OUT/feats" --variant eagle3 --out "$OUT/runs/eagle3" \
+  --max-steps 800 --draft-vocab-size 4096 --ttt-steps 1 "${COMMON[@]}"
 for head in eagle1 eagle3; do  # config.json is written last: a head without it was cut short, so export again
   [ -f "$OUT/heads/$head/config.json" ] || { rm -rf "$OUT/heads/$head"; $P export "$OUT/runs/$head" --weights best \
     --out "$OUT/heads/$head"; }
@@ -37,5 +38,6 @@ for head in eagle3 eagle1; do
   done
 done
 for mode in chain tree; do
-  $P eval --compare "$OUT/eval-eagle1-$mode-q$QUESTIONS-n$NEW_TOKENS.json" "$OUT/eval-eagle3-$mode-q$QUESTIONS-n$NEW_TOKENS.json"
+  $P eval --compare "$OUT/eval-eagle1-$mode-q$QUESTIONS-n$NEW_TOKENS.json" \
+    "$OUT/eval-eagle3-$mode-q$QUESTIONS-n$NEW_TOKENS.json"
 done

@@ -178,12 +178,12 @@ def check_costs(costs: CostModel, records: list[dict]) -> dict | None:
     """The cost model's 1-token forward against what this run's plain decoding took per decoding forward (its wall
     time less the prefill, over its forwards); None when the plain decoding made no decoding forward."""
     plain = [r["baseline"] for r in records]
-    forwards = sum(b["target_forwards"] for b in plain)
-    if forwards == 0 or costs.verify(1) <= 0:
+    forwards, modelled = sum(b["target_forwards"] for b in plain), costs.verify(1)
+    if forwards == 0 or modelled <= 0:
         return None
     observed = sum(b["wall_s"] - b["prefill_s"] for b in plain) / forwards
-    ratio = observed / costs.verify(1)
-    return {"modelled_step_s": costs.verify(1), "observed_step_s": observed, "ratio": ratio,
+    ratio = observed / modelled
+    return {"modelled_step_s": modelled, "observed_step_s": observed, "ratio": ratio,
             "stale": not STALE_RANGE[0] <= ratio <= STALE_RANGE[1]}  # fmt: skip
 
 
