@@ -42,14 +42,13 @@ LLAMA2 = (
     "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + '</s>' }}{% endif %}{% endfor %}"
 )
 
-# ChatML whose system line depends on the whole conversation: renders of prefixes are not prefixes of the full
-# text, which forces the search fallback.
+# ChatML whose system line depends on the whole conversation: the render of a turn does not extend the prompt.
 CHATML_COUNTED = (
     "{{ '<|im_start|>system\nThis conversation has ' + (messages | length | string) + ' turns.<|im_end|>\n' }}"
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# Not prefix-stable and no special token closing a turn: nothing to anchor the mask on.
+# Not prefix-stable and no generation prompt: nothing to derive the generated tokens from.
 PLAIN_COUNTED = "Turns: {{ messages | length }}\n{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 
 CONVERSATION = [
@@ -186,23 +185,20 @@ def test_template_error_becomes_render_error(llama2):
         d.tokenize_chat(llama2, messages, 4096)
 
 
-def test_non_prefix_stable_template_falls_back_to_search(smollm2_tokenizer):
+def test_template_that_rewrites_the_prompt_is_refused(smollm2_tokenizer):
+    # The system line counts the turns: the render of a turn does not extend the prompt the server built for it,
+    # so what the model generated cannot be derived. The old fallback searched for the content; now it is refused.
     tok = with_template(smollm2_tokenizer, CHATML_COUNTED)
-    # Same text as user and assistant: the in-order search must pick the assistant's occurrence.
-    messages = CONVERSATION + [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "ok"}]
-    assert not d._spans_by_prefix(tok, messages, tok.apply_chat_template(
-        messages, tokenize=False))  # fmt: skip
-    t = d.tokenize_chat(tok, messages, 4096)
-    assert t.input_ids == template_ids(tok, messages)
-    assert masked_runs(tok, t) == [c + "<|im_end|>" for c in assistant_texts(messages)]
+    with pytest.raises(d.RenderError, match=r"assistant turn 2: .*does not extend its generation prompt .*"
+                       r"'2 turns.*'3 turns"):  # fmt: skip
+        d.tokenize_chat(tok, CONVERSATION, 4096)
+    with pytest.raises(ValueError, match="cannot be used for a loss mask: assistant turn 1"):
+        d.check_chat_template(tok, "drop")
 
 
-def test_unlocatable_turns_raise_render_error(smollm2_tokenizer):
-    with pytest.raises(d.RenderError, match="end-of-turn special token"):
+def test_template_without_generation_marker_is_refused(smollm2_tokenizer):
+    with pytest.raises(d.RenderError, match="does not extend its generation prompt"):
         d.tokenize_chat(with_template(smollm2_tokenizer, PLAIN_COUNTED), NO_SYSTEM, 4096)
-    empty_turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]
-    with pytest.raises(d.RenderError, match="could not be located"):
-        d.tokenize_chat(with_template(smollm2_tokenizer, CHATML_COUNTED), empty_turn, 4096)
 
 
 def test_max_length_truncation(chatml):
