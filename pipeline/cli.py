@@ -100,7 +100,14 @@ def main() -> None:
 
 @main.command()
 @click.option("--model", default=EXTRACT["model"], help="HF model directory (default: embedded SmolLM2-135M-Instruct).")
-@click.option("--data", default=EXTRACT["data"], help="ShareGPT JSON or JSONL file (default: embedded ShareGPT).")
+@click.option("--data", default=EXTRACT["data"],
+              help="ShareGPT JSON / JSONL file, .parquet / .arrow file or folder of them, a datasets.save_to_disk "
+              "folder, or hf:NAME[:SPLIT] (datasets.load_dataset; its cache when offline). Default: embedded ShareGPT.")
+@click.option("--data-field", default=EXTRACT["data_field"],
+              help="Column / key holding the conversation (default: conversations or messages).")
+@click.option("--thinking", type=click.Choice(["auto", "keep", "drop"]), default=EXTRACT["thinking"], show_default=True,
+              help="Assistant reasoning: keep (trained on, where the chat template renders it), drop, or auto "
+              "(keep where the template can).")  # fmt: skip
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Store directory.")
 @click.option("--data-format", "kind", type=click.Choice(["chat", "fim"]), default=EXTRACT["kind"], show_default=True)
 @click.option("--fim-tokens", default=None, help="prefix,suffix,middle special tokens for --data-format fim.")
@@ -154,7 +161,8 @@ def extract(**kw) -> None:
                            "max_num_seqs": kw["max_num_seqs"], "enforce_eager": kw["enforce_eager"]}  # fmt: skip
     compute_dtype = DTYPE_NAMES.get(kw["compute_dtype"], "auto")
     cfg = ExtractConfig(
-        out=kw["out"], model=kw["model"], data=kw["data"], kind=kw["kind"], offset=kw["offset"], limit=kw["limit"],
+        out=kw["out"], model=kw["model"], data=kw["data"], data_field=kw["data_field"], thinking=kw["thinking"],
+        kind=kw["kind"], offset=kw["offset"], limit=kw["limit"],
         ids_file=kw["ids_file"], max_length=kw["max_length"], top_k=kw["top_k"], hidden_dtype=dtype,
         logprob_dtype=DTYPE_NAMES[kw["logprob_dtype"]], io_workers=kw["io_workers"],
         stored_for=kw["stored_for"], aux_layers=_ints(kw["aux_layers"]), shard_size=kw["shard_size"],

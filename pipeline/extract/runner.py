@@ -52,8 +52,10 @@ MAX_INFLIGHT_WRITES = 4  # batches queued for the writer thread; bounds host mem
 class ExtractConfig:
     out: Path
     model: str | None = None
-    data: str | None = None
+    data: str | None = None  # a file, a directory (save_to_disk, parquet/arrow files) or hf:NAME[:SPLIT]
+    data_field: str | None = None  # the conversation column / key (default: conversations or messages)
     kind: str = "chat"  # chat | fim
+    thinking: str = "auto"  # keep | drop | auto (keep where the chat template renders reasoning)
     fim_tokens: tuple[str, str, str] = data_mod.DEFAULT_FIM_TOKENS
     offset: int = 0
     limit: int | None = None
@@ -118,8 +120,9 @@ def tokenizer_fingerprint(model_dir: Path, tokenizer) -> dict:
     }
 
 
-def build_fingerprint(cfg: ExtractConfig, model_dir: Path, data_path: Path, data_format: str, config: dict,
-                      tokenizer, num_layers: int, aux: list[int], backend: str, backend_dtype: str) -> dict:  # fmt: skip
+def build_fingerprint(cfg: ExtractConfig, model_dir: Path, source: data_mod.DataSource, data_format: str,
+                      config: dict, tokenizer, num_layers: int, aux: list[int], backend: str, backend_dtype: str,
+                      thinking: str | None = None) -> dict:  # fmt: skip
     stored = {"both": ["hidden_last", "hidden_aux"], "eagle1": ["hidden_last"], "eagle3": ["hidden_aux"]}[cfg.stored_for]
     ids_sha = sha256_file(Path(cfg.ids_file)) if cfg.ids_file else None
     return {
@@ -136,8 +139,9 @@ def build_fingerprint(cfg: ExtractConfig, model_dir: Path, data_path: Path, data
                    "topk_ids": topk_ids_dtype(int(config["vocab_size"]))},
         "top_k": cfg.top_k,
         "max_length": cfg.max_length,
-        "data": {"path": str(data_path.resolve()), "sha256": sha256_file(data_path), "format": data_format,
+        "data": {**data_mod.source_fingerprint(source), "format": data_format,
                  "kind": cfg.kind, "fim_tokens": list(cfg.fim_tokens) if cfg.kind == "fim" else None,
+                 "thinking": thinking,
                  "selection": {"offset": cfg.offset, "limit": cfg.limit, "ids_sha256": ids_sha}},
         "sharding": {"shard_size": cfg.shard_size, "chunk_tokens": cfg.chunk_tokens, "codec": cfg.codec},
     }  # fmt: skip
@@ -146,9 +150,9 @@ def build_fingerprint(cfg: ExtractConfig, model_dir: Path, data_path: Path, data
 # ---------------------------------------------------------------------------------------------------- selection
 
 
-def iter_selection(path: Path, kind: str, offset: int, limit: int | None, ids: set[str] | None,
-                   report: data_mod.StreamReport) -> Iterator[data_mod.Record | data_mod.Skip]:  # fmt: skip
-    """The selected records (good and skipped alike) in file order: the unit that shards are cut from."""
+def iter_selection(path: data_mod.DataSource | Path, kind: str, offset: int, limit: int | None,
+                   ids: set[str] | None, report: data_mod.StreamReport) -> Iterator[data_mod.Record | data_mod.Skip]:  # fmt: skip
+    """The selected records (good and skipped alike) in source order: the unit that shards are cut from."""
     stream = data_mod.read_records(path, kind=kind, report=report)
     if ids is not None:
         stream = (r for r in stream if r.record_id in ids)
@@ -156,7 +160,8 @@ def iter_selection(path: Path, kind: str, offset: int, limit: int | None, ids: s
     return itertools.islice(stream, offset, stop)
 
 
-def count_selection(path: Path, kind: str, offset: int, limit: int | None, ids: set[str] | None) -> tuple[int, dict]:
+def count_selection(path: data_mod.DataSource | Path, kind: str, offset: int, limit: int | None,
+                    ids: set[str] | None) -> tuple[int, dict]:  # fmt: skip
     """(records selected, stream report). A selection with no usable record is refused here, before any store
     exists: an empty or non-UTF-8 file, an --offset past the end, or only records that every one must be skipped."""
     report = data_mod.StreamReport(path=str(path), format="", records_seen=0, truncated=False,
@@ -174,10 +179,13 @@ def count_selection(path: Path, kind: str, offset: int, limit: int | None, ids: 
     return n, asdict(report)
 
 
-def _empty_selection(path: Path, report: data_mod.StreamReport, n: int, reasons: Counter, first: str | None,
-                     offset: int, limit: int | None, ids: set[str] | None) -> str:  # fmt: skip
-    with open(path, "rb") as f:
-        head = f.read(4)
+def _empty_selection(path: data_mod.DataSource | Path, report: data_mod.StreamReport, n: int, reasons: Counter,
+                     first: str | None, offset: int, limit: int | None, ids: set[str] | None) -> str:  # fmt: skip
+    head = b""
+    if not isinstance(path, data_mod.DataSource) or path.format == "json":
+        with open(path.files[0] if isinstance(path, data_mod.DataSource) else path, "rb") as f:
+            head = f.read(4)
+    path = path.spec if isinstance(path, data_mod.DataSource) else path
     hint = ("; it starts with a UTF-16 byte-order mark: convert it to UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"
             if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "")  # fmt: skip
     if n:
@@ -233,24 +241,34 @@ def run_extract(cfg: ExtractConfig, backend=None) -> dict:
     if cfg.logprob_dtype not in LOGPROB_DTYPES:
         raise ValueError(f"--logprob-dtype {cfg.logprob_dtype!r}: choose one of {', '.join(LOGPROB_DTYPES)}")
     model_dir = resolve_model(cfg.model)
-    data_path = resolve_data(cfg.data)
+    source = data_mod.open_source(resolve_data(None) if cfg.data is None else cfg.data, cfg.data_field)
     ids = _read_ids(cfg.ids_file) if cfg.ids_file else None
-    selection = count_selection(data_path, cfg.kind, cfg.offset, cfg.limit, ids)  # refuses an empty one early
+    selection = count_selection(source, cfg.kind, cfg.offset, cfg.limit, ids)  # refuses an empty one early
+    thinking = _resolve_thinking(model_dir, cfg)
     # Tokenizing (chat template + offsets) costs as much as a small target's forward on a GPU: worker processes
     # do it one shard ahead. Forked before the model is loaded and before any thread starts.
-    tok_pool = _tokenizer_pool(model_dir, cfg)
+    tok_pool = _tokenizer_pool(model_dir, cfg, source, thinking)
     owned = backend is None
     try:
         backend = backend or make_backend(cfg, model_dir)
-        return _run(cfg, t0, model_dir, data_path, ids, backend, tok_pool, selection)
+        return _run(cfg, t0, model_dir, source, ids, backend, tok_pool, selection, thinking)
     finally:
         tok_pool.shutdown(cancel_futures=True)
         if owned and backend is not None and hasattr(backend, "close"):
             backend.close()
 
 
-def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: set[str] | None, backend,
-         tok_pool, selection: tuple[int, dict]) -> dict:  # fmt: skip
+def _resolve_thinking(model_dir: Path, cfg: ExtractConfig) -> str | None:
+    """--thinking resolved against the target's chat template (renders only: no tokenizer work before the fork)."""
+    if cfg.kind != "chat":
+        return None
+    from transformers import AutoTokenizer
+
+    return data_mod.resolve_thinking(AutoTokenizer.from_pretrained(model_dir), cfg.thinking)
+
+
+def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSource, ids: set[str] | None, backend,
+         tok_pool, selection: tuple[int, dict], thinking: str | None) -> dict:  # fmt: skip
     rank, world = resolve_rank(cfg.rank, cfg.world_size)
     tokenizer = backend.tokenizer
     n_layers = backend.num_layers
@@ -263,10 +281,12 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: s
         raise ValueError(f"--top-k {cfg.top_k}: must lie in [1, vocab size {vocab}]")
     if cfg.kind == "fim":
         data_mod.check_fim_tokens(tokenizer, cfg.fim_tokens)
+    else:  # a template whose generated tokens cannot be derived is refused before any store exists
+        data_mod.check_chat_template(tokenizer, thinking)
 
     n_records, stream_report = selection
-    fingerprint = build_fingerprint(cfg, model_dir, data_path, stream_report["format"], backend.config, tokenizer,
-                                    n_layers, aux, backend.name, backend.compute_dtype_name)
+    fingerprint = build_fingerprint(cfg, model_dir, source, stream_report["format"], backend.config, tokenizer,
+                                    n_layers, aux, backend.name, backend.compute_dtype_name, thinking)
     n_shards = -(-n_records // cfg.shard_size)
     plan = {"records": n_records, "shards": n_shards, "shard_size": cfg.shard_size}
     # What the backend hands over: the storage dtype, cast on the device. fp8 is quantized per row from the values
@@ -328,7 +348,7 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: s
         loop_t0 = time.time()
         deferred: list[int] = []
         for wait, wanted in ((False, todo), (True, deferred)):  # second pass: shards another process held
-            shards = _shards_of(data_path, cfg, ids, set(wanted))
+            shards = _shards_of(source, cfg, ids, set(wanted))
             for shard, records, tokenized in _ahead(shards, lambda item: tok_pool.submit(_tokenize_shard, item[1])):
                 lock = claim(shard, wait)
                 if lock is None:
@@ -453,22 +473,23 @@ def _int_tensor(values: list[int], dtype: str):
 _WORKER: dict = {}
 
 
-def _tokenizer_pool(model_dir: Path, cfg: ExtractConfig) -> ProcessPoolExecutor:
+def _tokenizer_pool(model_dir: Path, cfg: ExtractConfig, source: data_mod.DataSource,
+                    thinking: str | None) -> ProcessPoolExecutor:  # fmt: skip
     workers = max(1, min(8, (os.cpu_count() or 2) // 2))
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(os.getpid(), str(model_dir), str(resolve_data(cfg.data)), cfg.kind,
-                                         cfg.max_length, tuple(cfg.fim_tokens)))  # fmt: skip
+                               initargs=(os.getpid(), str(model_dir), source.spec, cfg.kind, cfg.max_length,
+                                         tuple(cfg.fim_tokens), thinking))  # fmt: skip
 
 
 def _init_worker(parent: int, model_dir: str, data_path: str, kind: str, max_length: int,
-                 fim_tokens: tuple[str, str, str]) -> None:  # fmt: skip
+                 fim_tokens: tuple[str, str, str], thinking: str | None = None) -> None:  # fmt: skip
     from transformers import AutoTokenizer
 
     _die_with_parent(parent)
     _WORKER.update(tokenizer=AutoTokenizer.from_pretrained(model_dir), path=data_path, kind=kind,
-                   max_length=max_length, fim_tokens=fim_tokens)  # fmt: skip
+                   max_length=max_length, fim_tokens=fim_tokens, thinking=thinking)  # fmt: skip
 
 
 def _die_with_parent(parent: int) -> None:
@@ -485,11 +506,12 @@ def _die_with_parent(parent: int) -> None:
 def _tokenize_shard(records: list) -> list[data_mod.Tokenized | data_mod.Skip]:
     """Per record: its Tokenized sample, or the Skip that says why it is not stored."""
     w = _WORKER
-    return [_tokenize_record(r, w["tokenizer"], w["path"], w["kind"], w["max_length"], w["fim_tokens"]) for r in records]
+    return [_tokenize_record(r, w["tokenizer"], w["path"], w["kind"], w["max_length"], w["fim_tokens"], w["thinking"])
+            for r in records]  # fmt: skip
 
 
-def _tokenize_record(rec, tokenizer, path: str, kind: str, max_length: int,
-                     fim_tokens) -> data_mod.Tokenized | data_mod.Skip:  # fmt: skip
+def _tokenize_record(rec, tokenizer, path: str, kind: str, max_length: int, fim_tokens,
+                     thinking: str | None = "drop") -> data_mod.Tokenized | data_mod.Skip:  # fmt: skip
     if isinstance(rec, data_mod.Skip):
         return rec
     where = f"{path} record #{rec.source_index} (id {rec.record_id!r})"
@@ -497,7 +519,8 @@ def _tokenize_record(rec, tokenizer, path: str, kind: str, max_length: int,
         if kind == "fim":
             tok = data_mod.tokenize_fim(tokenizer, rec.fim, max_length, fim_tokens)
         else:
-            tok = data_mod.tokenize_chat(tokenizer, rec.messages, max_length)
+            tok = data_mod.tokenize_chat(tokenizer, rec.messages, max_length, thinking=thinking or "drop",
+                                         tools=rec.tools)  # fmt: skip
     except data_mod.RenderError as e:
         return data_mod.Skip(rec.source_index, rec.record_id, "render_error", f"{where}: {e}")
     if sum(tok.loss_mask) == 0:
@@ -518,7 +541,8 @@ def _ahead(items: Iterator[tuple[int, list]], submit) -> Iterator[tuple[int, lis
         yield pending[0][0], pending[0][1], pending[1].result()
 
 
-def _shards_of(path: Path, cfg: ExtractConfig, ids: set[str] | None, wanted: set[int]) -> Iterator[tuple[int, list]]:
+def _shards_of(path: data_mod.DataSource, cfg: ExtractConfig, ids: set[str] | None,
+               wanted: set[int]) -> Iterator[tuple[int, list]]:  # fmt: skip
     """Stream the selection once, yielding (shard, records) for the wanted shards only."""
     if not wanted:
         return
