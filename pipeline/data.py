@@ -859,6 +859,8 @@ def _assistant_spans(render, messages: list[dict], full: str) -> tuple[list[tupl
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     spans, cursor, context_turns = [], 0, 0
     for i, message in enumerate(messages):
+        if message["role"] == "system":  # templates move it (Mistral: into the last user turn): no anchor
+            continue
         if message["role"] != "assistant":
             found = _find_content(full, message["content"], cursor) if message["content"].strip() else None
             if found is not None:
@@ -891,7 +893,7 @@ def _assistant_spans(render, messages: list[dict], full: str) -> tuple[list[tupl
 
 def _next_turn_follows(full: str, messages: list[dict], i: int, end: int) -> bool:
     """Whether the next non-assistant turn's content (if any) still lies after ``end``."""
-    following = next((m for m in messages[i + 1 :] if m["role"] != "assistant" and m["content"].strip()), None)
+    following = next((m for m in messages[i + 1 :] if m["role"] in ("user", "tool") and m["content"].strip()), None)
     return following is None or _find_content(full, following["content"], end) is not None
 
 
