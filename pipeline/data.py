@@ -907,18 +907,39 @@ def _find_content(text: str, content: str, cursor: int) -> tuple[int, int] | Non
 
 
 def _encode(tokenizer, text: str, spans: list[tuple[int, int]], max_length: int) -> Tokenized:
+    """Token ids of ``text`` with the ``spans`` masked, tokenized the way a server runs each turn: the text before
+    a span (the prompt) and each span (what the model generated) are encoded on their own, so a pre-tokenizer
+    cannot merge a prompt's trailing "\n\n" with the answer's first characters into tokens the served model never
+    saw. Where encoding in pieces changes the text (a tokenizer that prefixes every encoded piece with a space),
+    the whole text is encoded at once and every token overlapping a span is masked."""
+    spans = [s for s in spans if s[1] > s[0]]
     # add_special_tokens=False: the template already wrote any BOS, exactly as apply_chat_template(tokenize=True).
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, mask, at = [], [], 0
+        for a, b in [*spans, (len(text), len(text))]:
+            for lo, hi, bit in ((at, a, 0), (a, b, 1)):
+                if hi > lo:
+                    piece = tokenizer(text[lo:hi], add_special_tokens=False)["input_ids"]
+                    ids += piece
+                    mask += [bit] * len(piece)
+            at = b
     except (TypeError, ValueError) as e:  # e.g. text the tokenizer cannot encode
         raise RenderError(f"tokenizer failed: {type(e).__name__}: {e}") from e
-    ids = list(enc["input_ids"])
-    mask = [0] * len(ids)
-    spans = [s for s in spans if s[1] > s[0]]
-    # A token is masked when it overlaps a span, not only when it starts in one: a pre-tokenizer may merge the
-    # header's trailing "\n" with content that begins with whitespace ("\n" + " x" -> "\n ", " x"), and the
-    # content's characters should still be covered by the mask. Zero-width tokens count as one character wide.
-    offsets = enc["offset_mapping"]
+    whole = list(enc["input_ids"])
+    if ids != whole and _decoded(tokenizer, ids) != _decoded(tokenizer, whole):
+        ids, mask = whole, _overlap_mask(enc["offset_mapping"], spans)
+    truncated = len(ids) > max_length
+    return Tokenized(input_ids=ids[:max_length], loss_mask=mask[:max_length], truncated=truncated)
+
+
+def _decoded(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+def _overlap_mask(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for every token overlapping a span. Zero-width tokens count as one character wide."""
+    mask = [0] * len(offsets)
     starts = [s for s, _ in offsets]
     ends = [max(e, s + 1) for s, e in offsets]
     if starts == sorted(starts) and ends == sorted(ends):
@@ -929,5 +950,4 @@ def _encode(tokenizer, text: str, spans: list[tuple[int, int]], max_length: int)
         for t, (start, end) in enumerate(zip(starts, ends, strict=True)):
             if any(a < end and start < b for a, b in spans):
                 mask[t] = 1
-    truncated = len(ids) > max_length
-    return Tokenized(input_ids=ids[:max_length], loss_mask=mask[:max_length], truncated=truncated)
+    return mask
