@@ -764,6 +764,22 @@ class _Renderer:
         return _render(self.tokenizer, shown, add_generation_prompt, **kwargs)
 
 
+def render_chat(tokenizer, messages: list[dict], *, thinking: str, tools: list[dict] | None = None,
+                add_generation_prompt: bool = True) -> str:  # fmt: skip
+    """The chat template's text for ``messages`` as :func:`tokenize_chat` renders it (``thinking`` keep/drop)."""
+    keep = thinking == "keep" and (add_generation_prompt or any(m.get("reasoning_content") for m in messages))
+    return _Renderer(tokenizer, keep, tools)(messages, add_generation_prompt)
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of generated text: what precedes the first ``</think>`` (its ``<think>`` may sit in the
+    generation prompt, as DeepSeek-R1 templates put it), or (None, text) when there is none."""
+    head, sep, answer = text.partition("</think>")
+    if not sep:
+        return None, text
+    return head.strip().removeprefix("<think>").strip("\n"), answer.lstrip()
+
+
 def resolve_thinking(tokenizer, requested: str = "auto") -> str:
     """``keep`` or ``drop`` for this template: ``auto`` keeps reasoning where the template renders it in the turn
     being generated, ``keep`` on a template that never does is a ValueError naming the remedy."""

@@ -56,7 +56,9 @@ class RegenerateError(ValueError):
 class RegenerateConfig:
     out: Path
     model: str | None = None
-    data: str | None = None
+    data: str | None = None  # anything `--data` of extract reads (pipeline.data.open_source)
+    data_field: str | None = None
+    thinking: str = "auto"  # keep: the target thinks and its reasoning is kept; drop: thinking off (where a switch)
     offset: int = 0
     limit: int | None = None
     max_new_tokens: int = 512
@@ -245,7 +247,8 @@ def _settings(regenerated_by: dict) -> dict:
     """What must agree for records to belong in one output file."""
     return {"model.config_sha256": regenerated_by["model"]["config_sha256"],
             "model.weights_sha256": regenerated_by["model"]["weights_sha256"],
-            "sampling": regenerated_by["sampling"], "max_length": regenerated_by["max_length"]}  # fmt: skip
+            "sampling": regenerated_by["sampling"], "max_length": regenerated_by["max_length"],
+            "thinking": regenerated_by.get("thinking", "auto")}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- driver
@@ -282,7 +285,8 @@ def run_regenerate(cfg: RegenerateConfig, generator: Generator | None = None) ->
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or cfg.temperature < 0 or cfg.offset < 0:
         raise RegenerateError("--max-new-tokens and --batch-size must be >= 1, --temperature and --offset >= 0")
     model_dir = resolve_model(cfg.model)
-    data_path = resolve_data(cfg.data)
+    source = data_mod.open_source(resolve_data(None) if cfg.data is None else cfg.data, cfg.data_field)
+    data_path = source.spec
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done, repaired = scan_output(out)
@@ -299,6 +303,7 @@ def run_regenerate(cfg: RegenerateConfig, generator: Generator | None = None) ->
         "sampling": {"temperature": cfg.temperature, "greedy": greedy, "max_new_tokens": cfg.max_new_tokens,
                      "seed": None if greedy else cfg.seed},
         "max_length": cfg.max_length,
+        "thinking": cfg.thinking,
         "code_version": __version__,
     }  # fmt: skip
     for key, previous in done.items():
@@ -309,8 +314,8 @@ def run_regenerate(cfg: RegenerateConfig, generator: Generator | None = None) ->
                                   "to mix. Differences:\n  " + "\n  ".join(diffs) + "\nUse a new --out.")  # fmt: skip
         break  # every record of the file was checked against the first when it was written
 
-    report = data_mod.StreamReport(path=str(data_path), format="")
-    stream = data_mod.read_records(data_path, kind="chat", report=report)
+    report = data_mod.StreamReport(path=data_path, format="")
+    stream = data_mod.read_records(source, kind="chat", report=report)
     stop = None if cfg.limit is None else cfg.offset + cfg.limit
     selection = itertools.islice(stream, cfg.offset, stop)
 
@@ -327,6 +332,7 @@ def run_regenerate(cfg: RegenerateConfig, generator: Generator | None = None) ->
 
     bar = tqdm(total=cfg.limit, unit="rec", desc="regenerate", disable=not cfg.progress, dynamic_ncols=True)
     gen = generator
+    thinking = data_mod.resolve_thinking(gen.tokenizer, cfg.thinking) if gen is not None else None
     with open(out, "a", encoding="utf-8") as f:
         for batch in _batched(selection, cfg.batch_size):
             todo = []
@@ -341,7 +347,8 @@ def run_regenerate(cfg: RegenerateConfig, generator: Generator | None = None) ->
             if todo:
                 if gen is None:  # loaded only once there is work: a finished file re-runs in seconds
                     gen = make_generator(cfg, model_dir)
-                _regenerate_batch(todo, gen, cfg, stats)
+                    thinking = data_mod.resolve_thinking(gen.tokenizer, cfg.thinking)
+                _regenerate_batch(todo, gen, cfg, stats, thinking)
                 for conv in todo:
                     rec = conv.record
                     if conv.skip is not None:
@@ -350,7 +357,9 @@ def run_regenerate(cfg: RegenerateConfig, generator: Generator | None = None) ->
                     meta = dict(base, backend=gen.name, dtype=gen.dtype_name, turns=conv.turns,
                                 truncated_turns=conv.truncated_turns,
                                 source={"path": str(data_path), "index": rec.source_index, "id": rec.record_id})  # fmt: skip
-                    line = json.dumps({"id": rec.record_id, "messages": conv.history, "regenerated_by": meta},
+                    meta["thinking_resolved"] = thinking
+                    tools = {"tools": rec.tools} if rec.tools else {}
+                    line = json.dumps({"id": rec.record_id, "messages": conv.history, **tools, "regenerated_by": meta},
                                       ensure_ascii=False)  # fmt: skip
                     f.write(line + "\n")
                     counts["written"] += 1
@@ -378,7 +387,8 @@ def _batched(it, n: int):
         yield batch
 
 
-def _regenerate_batch(convs: list[_Conversation], gen: Generator, cfg: RegenerateConfig, stats: dict) -> None:
+def _regenerate_batch(convs: list[_Conversation], gen: Generator, cfg: RegenerateConfig, stats: dict,
+                      thinking: str) -> None:  # fmt: skip
     """Generate every assistant turn of ``convs`` in lockstep: all j-th answers in one call."""
     tokenizer = gen.tokenizer
     active = [c for c in convs if c.advance()]
@@ -386,9 +396,9 @@ def _regenerate_batch(convs: list[_Conversation], gen: Generator, cfg: Regenerat
         prompts, owners = [], []
         for conv in active:
             try:
-                text = tokenizer.apply_chat_template(conv.history, tokenize=False, add_generation_prompt=True)
+                text = data_mod.render_chat(tokenizer, conv.history, thinking=thinking, tools=conv.record.tools)
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote any BOS
-            except Exception as e:  # a template's raise_exception or a missing template: this record only
+            except (data_mod.RenderError, TypeError, ValueError) as e:  # a template error: this record only
                 conv.skip = ("render_error", f"chat template failed at turn {turn}: {type(e).__name__}: {e}")
                 continue
             if len(ids) + cfg.max_new_tokens > cfg.max_length:
@@ -406,7 +416,11 @@ def _regenerate_batch(convs: list[_Conversation], gen: Generator, cfg: Regenerat
         completions = gen.generate(prompts, cfg.max_new_tokens, cfg.temperature, seeds)
         for conv, comp in zip(owners, completions, strict=True):
             content = tokenizer.decode(comp.token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            conv.history.append({"role": "assistant", "content": content})
+            reasoning, answer = data_mod.split_reasoning(content) if thinking == "keep" else (None, content)
+            message = {"role": "assistant", "content": answer}
+            if reasoning:  # an empty thinking block is no reasoning (README: Data)
+                message["reasoning_content"] = reasoning
+            conv.history.append(message)
             conv.turns.append({"finish_reason": comp.finish_reason, "new_tokens": len(comp.token_ids)})
             conv.cursor += 1  # past the source's assistant turn this one replaces
             stats["turns"] += 1
@@ -441,7 +455,10 @@ def format_summary(s: dict) -> str:
 
 @click.command("regenerate")
 @click.option("--model", default=None, help="HF model directory (default: embedded SmolLM2-135M-Instruct).")
-@click.option("--data", default=None, help="ShareGPT JSON or JSONL chat file (default: embedded ShareGPT).")
+@click.option("--data", default=None, help="Chat data as `pipeline extract --data` reads it (default: embedded ShareGPT).")
+@click.option("--data-field", default=None, help="Column / key holding the conversation (default: conversations or messages).")
+@click.option("--thinking", type=click.Choice(["auto", "keep", "drop"]), default="auto", show_default=True,
+              help="keep: the target thinks where its template can and the reasoning is kept; drop: thinking off.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output JSONL (appended).")
 @click.option("--offset", type=int, default=0, show_default=True, help="Skip this many source records.")
 @click.option("--limit", type=int, default=None, help="Take at most this many source records.")
@@ -470,7 +487,8 @@ def regenerate_command(**kw) -> None:
                    "gpu_memory_utilization": kw["gpu_memory_utilization"], "enforce_eager": kw["enforce_eager"]}  # fmt: skip
     if kw["batch_size"] is None:  # vLLM schedules a large batch itself; HF pads each batch to its longest prompt
         kw["batch_size"] = 256 if kw["backend"] == "vllm" else 8
-    cfg = RegenerateConfig(out=kw["out"], model=kw["model"], data=kw["data"], offset=kw["offset"], limit=kw["limit"],
+    cfg = RegenerateConfig(out=kw["out"], model=kw["model"], data=kw["data"], data_field=kw["data_field"],
+                           thinking=kw["thinking"], offset=kw["offset"], limit=kw["limit"],
                            max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"],
                            backend=kw["backend"], seed=kw["seed"], max_length=kw["max_length"],
                            batch_size=kw["batch_size"], device=kw["device"], progress=not kw["no_progress"],

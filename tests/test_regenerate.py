@@ -251,3 +251,67 @@ def test_a_turn_ends_at_the_end_of_turn_token_even_when_eos_is_another(smollm2_t
     assert HFGenerator(model_dir, device="cpu").stops == stops
     comp = cut_at_stop([5, 7, im_end, 1, 9], set(stops))
     assert (comp.token_ids, comp.finish_reason) == ([5, 7], "stop")
+
+
+class ScriptedGenerator:
+    """Answers every prompt with the same text (as a thinking model would emit it) and records the prompts."""
+
+    name = "scripted"
+    dtype_name = "float32"
+
+    def __init__(self, tokenizer, text: str):
+        self.tokenizer, self.prompts = tokenizer, []
+        self.answer = tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, prompts, max_new_tokens, temperature, seeds):
+        from pipeline.regenerate import Completion
+
+        self.prompts += [self.tokenizer.decode(p, skip_special_tokens=False) for p in prompts]
+        return [Completion(list(self.answer), "stop") for _ in prompts]
+
+
+@pytest.mark.parametrize("thinking", ["keep", "drop"])
+def test_tool_turns_are_kept_and_answers_replaced_with_thinking(tiny_llama_dir, tmp_path, thinking):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.chat_templates import QWEN3
+    from tests.test_chat_templates import AGENT, TOOLS
+
+    model = tmp_path / "qwen3-style"
+    model.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            (model / f.name).symlink_to(f)
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tok.chat_template = QWEN3
+    tok.save_pretrained(model)
+    data = tmp_path / "agent.parquet"
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "messages": AGENT, "tools": json.dumps(TOOLS)}]), data)
+    gen = ScriptedGenerator(tok, "<think>\nLet me see.\n</think>\n\nDone.")
+    out = tmp_path / "regen.jsonl"
+    s = regen(model, data, out, generator=gen, thinking=thinking)
+    assert s["written"] == 1 and s["turns_generated"] == 2
+    (rec,) = read_jsonl(out)
+    assert rec["tools"] == TOOLS and rec["regenerated_by"]["thinking_resolved"] == thinking
+    answer = {"role": "assistant", "content": "Done.", **({"reasoning_content": "Let me see."} if thinking == "keep"
+                                                           else {})}  # fmt: skip
+    if thinking == "drop":  # the model's text is kept as it came when thinking is not kept apart
+        answer["content"] = "<think>\nLet me see.\n</think>\n\nDone."
+    assert rec["messages"] == [AGENT[0], answer, AGENT[2], answer]
+    # The prompts a server would build: thinking on opens a plain assistant turn, off an empty think block.
+    tail = "<|im_start|>assistant\n" + ("" if thinking == "keep" else "<think>\n\n</think>\n\n")
+    assert all(p.endswith(tail) for p in gen.prompts) and "<tool_response>\n18 C, sunny" in gen.prompts[1]
+    # What extraction then trains on: the regenerated answers, reasoning included where kept.
+    (read,) = data_mod.read_records(out)
+    t = data_mod.tokenize_chat(tok, read.messages, 4096, thinking=thinking, tools=read.tools)
+    runs, cur = [], []
+    for i, m in zip(t.input_ids, t.loss_mask, strict=True):
+        if m:
+            cur.append(i)
+        elif cur:
+            runs.append(tok.decode(cur, skip_special_tokens=False))
+            cur = []
+    # (--thinking drop reads the inline think block as reasoning and drops it)
+    expected = "<think>\nLet me see.\n</think>\n\nDone.<|im_end|>" if thinking == "keep" else "Done.<|im_end|>"
+    assert runs == [expected, expected]
