@@ -210,6 +210,8 @@ def format_extract_summary(s: dict) -> str:
     if s.get("cleaned_leftovers"):
         lines.append(f"cleaned          {len(s['cleaned_leftovers'])} temporary file(s) of dead writers: "
                      + ", ".join(s["cleaned_leftovers"][:5]))  # fmt: skip
+    for w in s.get("warnings", []):
+        lines.append(f"warning          {w}")
     if src.get("truncated"):
         lines.append(f"source           {src['path']} is truncated at byte {src['truncated_at_byte']:,}: "
                      f"used the {src['records_seen']:,} complete records before it")  # fmt: skip
@@ -219,14 +221,28 @@ def format_extract_summary(s: dict) -> str:
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(store: Path, as_json: bool) -> None:
+@click.option("--sample", "samples", type=int, multiple=True,
+              help="Print stored sample N as text, its loss-bearing tokens between ⟦ ⟧ (repeatable).")
+def inspect(store: Path, as_json: bool, samples: tuple[int, ...]) -> None:
     """Summarize a feature store: fingerprint, counts, bytes per field, shard status."""
     from pipeline.store import StoreError, inspect_store
+    from pipeline.store.inspect import sample_text
 
     try:
-        info = inspect_store(store)
+        if samples:
+            shown = [sample_text(store, n) for n in samples]
+        else:
+            info = inspect_store(store)
     except StoreError as e:
         _fail(str(e))
+    if samples:
+        if as_json:
+            click.echo(json.dumps(shown, indent=2, ensure_ascii=False))
+        for s in [] if as_json else shown:
+            click.echo(f"sample {s['sample']}  record {s['record_id']!r} (source #{s['source_index']})  "
+                       f"{s['tokens']} tokens, {s['loss_tokens']} loss tokens (between ⟦ ⟧)")  # fmt: skip
+            click.echo(s["text"])
+        return
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
@@ -242,6 +258,12 @@ def inspect(store: Path, as_json: bool) -> None:
                f"selection {fp['data']['selection']})")  # fmt: skip
     click.echo(f"samples      {info['samples']}   tokens {info['tokens']}   loss tokens {info['loss_tokens']} "
                f"({info['loss_token_share']:.1%})")  # fmt: skip
+    share = info["loss_token_share_per_sample"]
+    if share["samples"]:
+        click.echo(f"loss share   per sample: min {share['min']:.1%}  p5 {share['p5']:.1%}  median {share['median']:.1%}"
+                   f"  p95 {share['p95']:.1%}  max {share['max']:.1%}; {share['outside_bounds_count']} outside "
+                   f"[{share['bounds'][0]:.0%}, {share['bounds'][1]:.0%}]"
+                   + "".join(f"  #{o['sample']}={o['share']:.1%}" for o in share["outside_bounds"][:5]))  # fmt: skip
     click.echo(f"skipped      {sum(info['skipped'].values())} {info['skipped']}   quarantined {info['quarantined']}")
     click.echo(f"bytes        {info['bytes']:,} total, target pieces {info['target_bytes']:,}; "
                f"{info['bytes_per_token_total']:.1f} B/token (tensors + shard metadata, codec {info['codec']})")

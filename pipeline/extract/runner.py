@@ -41,6 +41,7 @@ from pipeline.store import (
     sha256_files,
     topk_ids_dtype,
 )
+from pipeline.store.inspect import LOSS_SHARE_BOUNDS
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -310,6 +311,7 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
     totals: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
     quarantined: list[dict] = []
+    odd: list[str] = []  # samples whose loss share looks wrong (the first few, for the warning)
     commits: list[Future] = []
     bar = tqdm(total=sum(min(cfg.shard_size, n_records - s * cfg.shard_size) for s in todo), unit="rec",
                desc=f"extract rank {rank}/{world}", disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
@@ -361,7 +363,7 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
                                         claim=lock)  # fmt: skip
                 try:
                     compute_s += _extract_shard(sw, records, tokenized, backend, cfg, aux, batch_tokens, want_last,
-                                                want_aux, transfer, submit, bar, totals, t0)  # fmt: skip
+                                                want_aux, transfer, submit, bar, totals, t0, odd)  # fmt: skip
                 except BaseException:
                     pool.submit(sw.abort)  # after the appends already queued
                     raise
@@ -395,6 +397,8 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
         "samples_written": totals["samples"], "skipped": dict(sorted(skipped.items())),
         "quarantined": len(quarantined), "quarantined_samples": quarantined[:20],
         "tokens": totals["stored_tokens"], "loss_tokens": totals["loss_tokens"],
+        "loss_token_share": round(totals["loss_tokens"] / totals["stored_tokens"], 4) if totals["stored_tokens"] else 0.0,
+        "warnings": loss_share_warnings(totals, odd),
         "bytes_written": stored_bytes,
         "bytes_per_token": stored_bytes / totals["stored_tokens"] if totals["stored_tokens"] else 0.0,
         "wall_s": round(wall, 2), "loop_s": round(loop_s, 2), "forward_s": round(compute_s, 2),
@@ -404,7 +408,8 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
 
 
 def _extract_shard(sw, records, tokenized, backend, cfg: ExtractConfig, aux, batch_tokens: int, want_last: bool,
-                   want_aux: bool, transfer, submit, bar, totals: Counter, t0: float) -> float:  # fmt: skip
+                   want_aux: bool, transfer, submit, bar, totals: Counter, t0: float,
+                   odd: list[str]) -> float:  # fmt: skip
     """Run the target over one shard's samples and queue their writes; returns the forward time."""
     compute_s = 0.0
     samples = []
@@ -424,10 +429,38 @@ def _extract_shard(sw, records, tokenized, backend, cfg: ExtractConfig, aux, bat
             out["input_ids"] = _int_tensor(tok.input_ids, "int32")
             out["loss_mask"] = _int_tensor(tok.loss_mask, "bool")
             totals["tokens"] += len(tok.input_ids)
+            _note_loss_share(tok, meta, totals, odd)
         submit(_append_all, sw, [samples[i][0] for i in batch], outs)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{totals['tokens'] / max(time.time() - t0, 1e-9):.0f}")
     return compute_s
+
+
+def _note_loss_share(tok: data_mod.Tokenized, meta: SampleMeta, totals: Counter, odd: list) -> None:
+    """Count what a correct mask never gives: loss on a sample's first token (it is always prompt), a share of
+    loss tokens outside LOSS_SHARE_BOUNDS, assistant turns left as context."""
+    share = sum(tok.loss_mask) / len(tok.loss_mask)
+    first = bool(tok.loss_mask[0])
+    totals["first_token_loss"] += first
+    totals["context_turns"] += tok.context_turns
+    if first or not LOSS_SHARE_BOUNDS[0] <= share <= LOSS_SHARE_BOUNDS[1]:
+        totals["odd_loss_share"] += 1
+        if len(odd) < 5:
+            odd.append(f"{meta.record_id!r} ({share:.1%}{', first token' if first else ''})")
+
+
+def loss_share_warnings(totals: Counter, odd: list[str]) -> list[str]:
+    """What the extraction summary warns about the loss mask of this selection."""
+    out = []
+    if totals["odd_loss_share"]:
+        lo, hi = LOSS_SHARE_BOUNDS
+        out.append(f"{totals['odd_loss_share']} sample(s) have a loss-token share outside [{lo:.0%}, {hi:.0%}] or "
+                   f"loss on their first token (a prompt token), e.g. {', '.join(odd)}: check the mask with "
+                   "`pipeline inspect STORE --sample N`")  # fmt: skip
+    if totals["context_turns"]:
+        out.append(f"{totals['context_turns']} assistant turn(s) were left without loss: the chat template rewrites "
+                   "them in later history (thinking dropped), so they are not what the model generated")  # fmt: skip
+    return out
 
 
 def _flagged_by_verify(root: Path) -> set[int]:
