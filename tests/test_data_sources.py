@@ -244,4 +244,31 @@ def test_sharegpt_as_parquet_and_save_to_disk_gives_identical_stores(tiny_llama_
         data_fp = reader.fingerprint["data"]
         assert data_fp["format"] == {"sharegpt.json": "sharegpt", "sharegpt.parquet": "parquet",
                                      "saved": "save_to_disk"}[name]  # fmt: skip
+        assert data_fp["thinking"] == "drop" and data_fp["field"] is None  # SmolLM2's ChatML renders no reasoning
+    saved_fp = st.StoreReader(stores["saved"]).fingerprint["data"]
+    assert saved_fp["revision"] == json.loads((tmp_path / "saved" / "state.json").read_text())["_fingerprint"]
     assert base["samples_written"] > 5
+
+
+def test_extract_cli_names_bad_sources_in_one_line(tiny_llama_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main as cli
+
+    path = write_parquet(tmp_path / "nocol.parquet", [{"id": "x", "text": "hello"}])
+    saved = tmp_path / "dict"
+    (saved).mkdir()
+    (saved / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    for data, message in ((path, f"error: {path}: no conversation column ('conversations' or 'messages'; columns: "
+                                 "id, text); name it with --data-field"),
+                          (saved, f"error: --data {saved}: a saved DatasetDict with splits train, test")):  # fmt: skip
+        result = CliRunner().invoke(cli, ["extract", "--model", str(tiny_llama_dir), "--data", str(data),
+                                          "--out", str(tmp_path / "store"), "--no-progress"])  # fmt: skip
+        assert result.exit_code != 0 and result.output.strip().splitlines()[-1].startswith(message), result.output
+        assert not (tmp_path / "store").exists()
+    jsonl = tmp_path / "ok.jsonl"
+    jsonl.write_text(json.dumps(ROWS[0]) + "\n")
+    result = CliRunner().invoke(cli, ["extract", "--model", str(tiny_llama_dir), "--data", str(jsonl),
+                                      "--out", str(tmp_path / "store"), "--thinking", "keep", "--no-progress"])  # fmt: skip
+    assert result.exit_code != 0 and "error: --thinking keep: this chat template does not render" in result.output
+    assert not (tmp_path / "store").exists()
