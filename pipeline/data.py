@@ -1,4 +1,5 @@
-"""Data ingestion: stream records out of ShareGPT / JSONL files and tokenize them with a loss mask.
+"""Data ingestion: stream records out of ShareGPT JSON / JSONL files, Parquet / Arrow tables, datasets
+``save_to_disk`` folders and ``hf:NAME[:SPLIT]`` datasets (:func:`open_source`), and tokenize them with a loss mask.
 
 Reading (:func:`read_records`) never raises on a bad record: every record either becomes a :class:`Record` or a
 :class:`Skip` carrying one of these reasons (``SKIP_REASONS``):
@@ -9,10 +10,13 @@ Reading (:func:`read_records`) never raises on a bad record: every record either
     The bytes of the element / line are not valid UTF-8, or a text field holds a lone surrogate escape (such as
     ``"\\ud83d"`` without its pair), which no tokenizer can encode.
 ``missing_field``
-    The record is not an object, has no ``conversations``/``messages`` list, a turn lacks ``from``/``role`` or
-    ``value``/``content`` (or has a non-string one), or a FIM record lacks a string ``prefix``/``suffix``/``middle``.
+    The record is not an object, has no ``conversations``/``messages`` list (or no ``--data-field``), a turn lacks
+    ``from``/``role`` or ``value``/``content`` (or has a non-string one; an assistant turn calling tools may have
+    none), a reasoning field is not a string or sits on a non-assistant turn, ``tool_calls`` are not OpenAI
+    function calls, ``tools`` is not a list of objects, or a FIM record lacks a string ``prefix``/``suffix``/``middle``.
 ``unknown_role``
-    A turn's role is none of human/user, gpt/chatgpt/bing/bard/assistant/model, system (case-insensitive).
+    A turn's role is none of human/user, gpt/chatgpt/bing/bard/assistant/model, system, tool/ipython/observation/
+    function (case-insensitive).
 ``empty_conversation``
     The turn list is empty, or every turn's content is blank.
 ``no_assistant_turn``
@@ -22,8 +26,8 @@ Reading (:func:`read_records`) never raises on a bad record: every record either
 Two more reasons belong to the same vocabulary but are emitted by the extraction runner after tokenization:
 
 ``render_error``
-    :func:`tokenize_chat` / :func:`tokenize_fim` raised :class:`RenderError` (chat template failed, or the
-    assistant spans could not be located in the rendered text).
+    :func:`tokenize_chat` / :func:`tokenize_fim` raised :class:`RenderError` (chat template failed, or what the
+    model generates for the last assistant turn could not be derived or located in the rendered text).
 ``no_loss_tokens``
     The tokenized sample has no loss-masked token left within ``max_length``.
 
@@ -31,14 +35,16 @@ A file whose first non-blank byte is ``[`` is a JSON array (format ``"sharegpt"`
 top-level elements are delimited here (string/escape state and bracket depth, jumping between structural bytes with
 ``re``) and each is decoded on its own, so a file cut off mid-record still yields every complete record, and the
 truncation is reported in :class:`StreamReport` instead of raised. Anything else is JSONL (one object per line).
+Tables are read a record batch at a time; a table without the conversation column raises :class:`DataError`.
 
-Tokenization renders with the tokenizer's own chat template and derives the loss mask generically from the
-rendered text (see :func:`tokenize_chat`): no model-specific offsets or token ids.
+Tokenization renders with the tokenizer's own chat template as a serving engine does and masks exactly what the
+served model generates for each assistant turn (see :func:`tokenize_chat`): no model-specific offsets or token ids.
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import os
 import re
@@ -925,26 +931,22 @@ def _find_content(text: str, content: str, cursor: int) -> tuple[int, int] | Non
 def _encode(tokenizer, text: str, spans: list[tuple[int, int]], max_length: int) -> Tokenized:
     """Token ids of ``text`` with the ``spans`` masked, tokenized the way a server runs each turn: the text before
     a span (the prompt) and each span (what the model generated) are encoded on their own, so a pre-tokenizer
-    cannot merge a prompt's trailing "\n\n" with the answer's first characters into tokens the served model never
-    saw. Where encoding in pieces changes the text (a tokenizer that prefixes every encoded piece with a space),
-    the whole text is encoded at once and every token overlapping a span is masked."""
+    cannot merge a prompt's trailing "\\n\\n" with the answer's first characters into tokens the served model never
+    saw. Where the pieces' tokens do not decode to the text (a tokenizer that prefixes every encoded piece with a
+    space, or decodes lossily), the whole text is encoded at once and every token overlapping a span is masked."""
     spans = [s for s in spans if s[1] > s[0]]
     # add_special_tokens=False: the template already wrote any BOS, exactly as apply_chat_template(tokenize=True).
     try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, mask, at = [], [], 0
-        for a, b in [*spans, (len(text), len(text))]:
-            for lo, hi, bit in ((at, a, 0), (a, b, 1)):
-                if hi > lo:
-                    piece = tokenizer(text[lo:hi], add_special_tokens=False)["input_ids"]
-                    ids += piece
-                    mask += [bit] * len(piece)
-            at = b
+        bounds = [0, *(x for span in spans for x in span), len(text)]
+        pieces = [text[a:b] for a, b in itertools.pairwise(bounds)]
+        encoded = tokenizer(pieces, add_special_tokens=False)["input_ids"] if text else []
+        ids = [t for piece in encoded for t in piece]
+        mask = [k % 2 for k, piece in enumerate(encoded) for _ in piece]  # pieces alternate prompt / span
+        if _decoded(tokenizer, ids) != text:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids, mask = list(enc["input_ids"]), _overlap_mask(enc["offset_mapping"], spans)
     except (TypeError, ValueError) as e:  # e.g. text the tokenizer cannot encode
         raise RenderError(f"tokenizer failed: {type(e).__name__}: {e}") from e
-    whole = list(enc["input_ids"])
-    if ids != whole and _decoded(tokenizer, ids) != _decoded(tokenizer, whole):
-        ids, mask = whole, _overlap_mask(enc["offset_mapping"], spans)
     truncated = len(ids) > max_length
     return Tokenized(input_ids=ids[:max_length], loss_mask=mask[:max_length], truncated=truncated)
 

@@ -509,3 +509,29 @@ def test_real_sharegpt_full_pass(sharegpt):
         tail = f.read()
     assert tail.startswith(b"{") and b'"id"' in tail[:100] and size - report.truncated_at_byte < 10_000
     print(f"full ShareGPT pass: {elapsed:.1f} s")  # no threshold: a shared CPU made it 38 s (15 s budget) once
+
+
+class PrefixSpaceTokenizer:
+    """SmolLM2's tokenizer, but every separately encoded piece gets a leading space token, as SentencePiece
+    tokenizers with a dummy prefix do."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.space = tok(" ", add_special_tokens=False)["input_ids"]
+
+    def __call__(self, text, **kw):
+        out = self.tok(text, **kw)
+        if isinstance(text, list):
+            out["input_ids"] = [self.space + ids if piece else ids for piece, ids in zip(text, out["input_ids"],
+                                                                                           strict=True)]  # fmt: skip
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_pieces_that_change_the_text_fall_back_to_one_encoding(chatml):
+    # Encoding prompt and answer apart would add spaces here: the whole text is encoded, overlap-masked.
+    t = d.tokenize_chat(PrefixSpaceTokenizer(chatml), NO_SYSTEM, 4096)
+    assert t.input_ids == template_ids(chatml, NO_SYSTEM)
+    assert masked_runs(chatml, t) == [c + "<|im_end|>" for c in assistant_texts(NO_SYSTEM)]
