@@ -79,7 +79,16 @@ SPECULATORS_VERSION = "0.7.0"  # the speculators release line whose config schem
 
 
 def rope_config_fields(target_config: dict) -> dict[str, Any]:
+    """The draft's rope as Llama config fields. Yarn gets its ``attention_factor`` written out: DeepSeek's
+    ``mscale``/``mscale_all_dim`` give a factor that loaders older than transformers 5 / vLLM 0.11 computed
+    differently from the generic yarn, and an explicit factor is read the same way by all."""
     params = rope_parameters(target_config)
+    if params.get("rope_type") == "yarn" and params.get("attention_factor") is None:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        from pipeline.draft.layers import rope_llama_config
+
+        params["attention_factor"] = float(ROPE_INIT_FUNCTIONS["yarn"](rope_llama_config(target_config), None)[1])
     scaling = None
     if params.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}

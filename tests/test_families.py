@@ -1,0 +1,243 @@
+"""Every target family users bring (tiny random targets from transformers' config classes, tests/family_targets.py):
+the draft's shapes, rope, norm and logits read from each family's config as the served Llama draft needs them,
+the EAGLE-3 vocabulary refusal, and lossless greedy decoding in the evaluator (sliding windows, eager-only
+attention) with random heads and with heads that are accepted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from family_targets import FAMILIES, WINDOW, family_config, family_model
+from synthetic_draft import fit_draft, greedy_continuations, tiny_draft
+from synthetic_target import target_weights
+
+from pipeline.draft.common import TargetConfigError, norm_weight_offset, target_logits
+from pipeline.draft.eagle3 import Eagle3Config, Eagle3Draft, prediction_coverage
+from pipeline.draft.export import export_draft
+from pipeline.draft.layers import RotaryEmbedding, apply_rope, rope_parameters
+from pipeline.evaluate.decode import speculative_generate
+from pipeline.evaluate.drafter import Drafter, DraftSettings
+from pipeline.evaluate.target import TargetError, load_target, target_generate
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V = 256
+AUX = (1, 2, 3)
+CHAIN = DraftSettings(mode="chain", depth=3)
+TREE = DraftSettings(mode="tree", depth=3, top_k=2, total_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {}
+
+
+def model_of(models: dict, family: str):
+    if family not in models:
+        models[family] = family_model(family, V)
+    return models[family]
+
+
+def cfg_dict(family: str, **kw) -> dict:
+    return json.loads(json.dumps(family_config(family, V, **kw).to_dict()))  # as a store's config.json reads back
+
+
+# ---- point 6: draft shapes from each family's fields -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_draft_shape_fields_per_family(family):
+    tc = cfg_dict(family)
+    c = Eagle3Config.from_target(tc, AUX, draft_vocab_size=128)
+    assert c.hidden_size == 64 and c.hidden_act == "silu"  # the served Llama layer's only activation
+    assert not c.attention_bias and not c.mlp_bias
+    expected_mlp = {"qwen3_moe": 32 * 2, "gpt_oss": 64 * 2, "deepseek_v3": 32 * (2 + 1)}.get(family, 128)
+    assert c.intermediate_size == expected_mlp  # the MLP work per token, not a per-expert / dense-layer field
+    assert c.head_dim == (64 // 4 if family == "deepseek_v3" else tc.get("head_dim") or 16)
+    if family == "deepseek_v3":
+        assert tc["head_dim"] == 8 and c.num_key_value_heads == 4  # DeepSeek's head_dim is its rope slice
+    Eagle3Draft(c)  # builds
+
+
+def test_missing_mlp_field_is_refused_with_its_name():
+    tc = cfg_dict("gpt_oss")
+    del tc["num_experts_per_tok"]
+    with pytest.raises(TargetConfigError, match="num_experts_per_tok"):
+        Eagle3Config.from_target(tc, AUX)
+
+
+# ---- points 2 and 3: rope -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi3_longrope", "llama", "qwen3"])
+def test_partial_rotary_matches_the_target(models, family):
+    """The draft rotates ``int(head_dim * partial_rotary_factor)`` dims exactly as the target (and vLLM) do."""
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    target = model_of(models, family)
+    tc = target.config.to_dict()
+    c = Eagle3Config.from_target(tc, AUX)
+    rot = RotaryEmbedding(c.target_config, c.head_dim)
+    pos = torch.arange(40)[None]
+    x = torch.randn(1, 40, 64)
+    cos_t, sin_t = target.model.rotary_emb(x, pos)
+    cos, sin = rot(pos)
+    factor = tc.get("partial_rotary_factor") or tc["rope_parameters"].get("partial_rotary_factor") or 1.0
+    assert cos.shape[-1] == int(c.head_dim * factor)
+    torch.testing.assert_close(cos, cos_t, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sin, sin_t, rtol=1e-5, atol=1e-6)
+    q, k = torch.randn(1, 4, 40, c.head_dim), torch.randn(1, 2, 40, c.head_dim)
+    q_t, k_t = apply_rotary_pos_emb(q, k, cos_t, sin_t)
+    torch.testing.assert_close(apply_rope(q, cos, sin), q_t)
+    torch.testing.assert_close(apply_rope(k, cos, sin), k_t)
+    # the export says what was trained: vLLM's get_rope reads partial_rotary_factor from rope_parameters
+    params = rope_parameters(c.target_config)
+    assert params.get("partial_rotary_factor", 1.0) == factor
+
+
+def test_gemma3_draft_uses_the_full_attention_rope(models, tmp_path):
+    target = model_of(models, "gemma3_text")
+    tc = json.loads(json.dumps(target.config.to_dict()))
+    c = Eagle3Config.from_target(tc, AUX, draft_vocab_size=128)
+    rot = RotaryEmbedding(c.target_config, c.head_dim)
+    torch.testing.assert_close(rot.inv_freq, target.model.rotary_emb.full_attention_inv_freq)
+    assert rot.attention_scaling == target.model.rotary_emb.full_attention_attention_scaling
+    model = Eagle3Draft(c)
+    out = json.loads((export_draft(model, None, tmp_path / "e3") / "config.json").read_text())
+    assert out["rope_parameters"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}
+    assert out["rope_theta"] == 1000000.0 and "sliding_attention" not in json.dumps(out["rope_parameters"])
+
+
+def test_deepseek_yarn_attention_factor_is_written():
+    """vLLM versions differ in how generic yarn reads DeepSeek's mscale: the export writes the factor trained with."""
+    tc = cfg_dict("deepseek_v3")
+    c = Eagle3Config.from_target(tc, AUX, draft_vocab_size=128)
+    rot = RotaryEmbedding(c.target_config, c.head_dim)
+    from pipeline.draft.export import rope_config_fields
+
+    fields = rope_config_fields(c.target_config)
+    assert fields["rope_parameters"]["attention_factor"] == pytest.approx(rot.attention_scaling)
+    assert fields["rope_scaling"]["attention_factor"] == pytest.approx(rot.attention_scaling)
+
+
+# ---- point 4: Gemma's norm, softcapping, embeddings --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "llama"])
+def test_gemma_norm_softcap_and_embedding(models, family):
+    target = model_of(models, family)
+    tc = json.loads(json.dumps(target.config.to_dict()))
+    weights = target_weights(target)
+    ids = torch.randint(0, V, (1, 12))
+    out = target(ids, output_hidden_states=True)
+    # the target's logits from its lm_head input, with Gemma-2's final softcapping
+    logits = target_logits(out.hidden_states[-1][0], weights["lm_head.weight"], tc)
+    torch.testing.assert_close(logits, out.logits[0].float(), rtol=1e-5, atol=1e-5)
+    # --head-init target: the draft's Llama norm computes the target's (1 + w) norm
+    head = Eagle3Draft(Eagle3Config.from_target(tc, AUX, draft_vocab_size=V))
+    head.load_target_weights(weights)
+    head.init_head_from_target(weights)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(head.norm(x), target.model.norm(x), rtol=1e-5, atol=1e-5)
+    assert norm_weight_offset(tc) == (0.0 if family == "llama" else 1.0)
+    # the draft embeds with the raw table: what vLLM's drafts get from the target's shared embed_tokens module
+    # (Gemma multiplies by sqrt(H) in its model's forward, outside that module)
+    torch.testing.assert_close(head.embed_tokens(ids), target.model.embed_tokens.weight[ids])
+
+
+def test_full_target_objective_uses_the_softcapped_logits(models):
+    from pipeline.draft.eagle3 import _step_target
+
+    target = model_of(models, "gemma2")
+    head = tiny_draft(target, "eagle3", AUX)
+    head.load_target_weights(target_weights(target), target_head=True)
+    ids = torch.randint(0, V, (1, 10))
+    out = target(ids, output_hidden_states=True)
+    batch = {"hidden_last": out.hidden_states[-1]}
+    arg, ce_fn = _step_target(head, batch, 0, "full")
+    p = torch.softmax(out.logits[0, 1:].float(), -1)  # row t + 1
+    logq = torch.log_softmax(torch.randn(1, 10, V), -1)
+    torch.testing.assert_close(ce_fn(logq)[0, :9], -(p * logq[0, :9]).sum(-1), rtol=1e-4, atol=1e-4)
+    assert torch.equal(arg[0, :9], out.logits[0, 1:].argmax(-1))
+
+
+# ---- point 5: EAGLE-3 with no target prediction in its vocabulary --------------------------------------------------
+
+
+class _Reader:
+    def __init__(self, samples):
+        self.samples = samples
+
+    def has(self):
+        return {"topk_ids", "loss_mask"}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def sample(self, i, fields=None):
+        return self.samples[i]
+
+
+def test_eagle3_refuses_a_vocabulary_holding_no_target_prediction():
+    mask = torch.tensor([0, 1, 1, 1, 1], dtype=torch.bool)
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[:10] = True
+    outside = {"topk_ids": torch.full((5, 4), 50), "loss_mask": mask}
+    with pytest.raises(TargetConfigError, match="draft vocabulary.*regenerate"):
+        prediction_coverage(_Reader([outside, outside]), t2d)
+    inside = {"topk_ids": torch.tensor([[3], [50], [4], [5], [6]]), "loss_mask": mask}
+    assert prediction_coverage(_Reader([inside]), t2d) == pytest.approx(3 / 4)  # rows 0..3 predict tokens 1..4
+
+
+# ---- point 1: the evaluator on every family (sliding windows, eager-only attention) --------------------------------
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_random_heads_are_lossless_past_the_window(models, family):
+    """Greedy chain decoding of 40 tokens (past the 16-position windows) equals the target's own; trees too
+    while the window holds every position, and past it a one-line refusal instead of a wrong answer."""
+    target = model_of(models, family)
+    g = torch.Generator().manual_seed(3)
+    windowed = getattr(target.config, "sliding_window", None) is not None and family not in ("qwen2", "qwen3")
+    for variant in ("eagle1", "eagle3"):
+        drafter = Drafter(tiny_draft(target, variant, AUX, draft_vocab_size=V // 2, seed=2))
+        prompt = torch.randint(3, V, (6,), generator=g)
+        plain = target_generate(target, prompt, 40, set())
+        assert speculative_generate(target, drafter, prompt, CHAIN, 40, set()).tokens == plain.tokens
+        short = target_generate(target, prompt, WINDOW - 6 - TREE.total_tokens - 1, set())
+        assert speculative_generate(target, drafter, prompt, TREE, len(short.tokens), set()).tokens == short.tokens
+        if windowed:
+            with pytest.raises(TargetError, match="sliding window"):
+                speculative_generate(target, drafter, prompt, TREE, 40, set())
+
+
+@pytest.mark.parametrize("family", ["mistral_window", "gemma3_text", "gpt_oss", "phi3"])
+def test_fitted_heads_are_accepted_and_lossless(models, family):
+    """Heads fitted to the target's own greedy continuations: accepted drafts, partial acceptances compact the
+    caches (sliding ones included) and the output stays the target's."""
+    target = model_of(models, family)
+    prompts = torch.randint(3, V, (8, 4), generator=torch.Generator().manual_seed(0))
+    seqs = greedy_continuations(target, prompts, 36)
+    for variant in ("eagle1", "eagle3"):
+        head = tiny_draft(target, variant, AUX, seed=1)
+        fit_draft(head, target, seqs, steps=120, lr=1e-2, ttt_steps=2)
+        drafter = Drafter(head)
+        accepted = forwards = 0
+        for i in range(3):
+            spec = speculative_generate(target, drafter, prompts[i], CHAIN, 36, set())
+            assert spec.tokens == target_generate(target, prompts[i], 36, set()).tokens
+            accepted += spec.decode_tokens - spec.target_forwards
+            forwards += spec.target_forwards
+        assert accepted > forwards // 2, (family, variant, accepted, forwards)  # tau > 1.5
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "gemma2", "llama"])
+def test_load_target_picks_an_attention_the_family_supports(tmp_path, family, smollm2_tokenizer):
+    model = family_model(family, len(smollm2_tokenizer), layers=2)
+    model.save_pretrained(tmp_path)
+    smollm2_tokenizer.save_pretrained(tmp_path)
+    loaded, _ = load_target(tmp_path)
+    assert loaded.config._attn_implementation in ("sdpa", "eager")
+    assert loaded.config._attn_implementation == ("eager" if family == "gpt_oss" else "sdpa")
