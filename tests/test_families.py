@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import LIVE_REPORT
 from family_targets import FAMILIES, WINDOW, family_config, family_model
 from synthetic_draft import fit_draft, greedy_continuations, tiny_draft
 from synthetic_target import target_weights
@@ -170,8 +171,7 @@ class _Reader:
     def __init__(self, samples):
         self.samples = samples
 
-    def has(self):
-        return {"topk_ids", "loss_mask"}
+    has = {"topk_ids", "loss_mask"}
 
     def __len__(self):
         return len(self.samples)
@@ -241,3 +241,68 @@ def test_load_target_picks_an_attention_the_family_supports(tmp_path, family, sm
     loaded, _ = load_target(tmp_path)
     assert loaded.config._attn_implementation in ("sdpa", "eager")
     assert loaded.config._attn_implementation == ("eager" if family == "gpt_oss" else "sdpa")
+
+
+# ---- the family matrix: extract -> verify -> train both heads -> export both formats -> lossless eval ------------
+
+MATRIX = sorted(FAMILIES)
+WINDOWED = {"mistral_window", "gemma2", "gemma3_text", "gpt_oss"}
+NEW, STEPS = 32, 30  # answer tokens regenerated / evaluated; optimizer steps per head
+MATRIX_REPORT = LIVE_REPORT  # the closing summary lists every cell's tau
+
+
+def run_cli(*args: str) -> str:
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    assert res.exit_code == 0, f"pipeline {' '.join(map(str, args))}\n{res.output}"
+    return res.output
+
+
+@pytest.mark.parametrize("family", MATRIX)
+def test_family_matrix(tmp_path, smollm2_tokenizer, family):
+    """A tiny random ``family`` target with SmolLM2's tokenizer through every stage, as a user runs them: its own
+    answers to 6 ShareGPT records (regenerate), extract, verify, both heads trained on them, exported in both
+    formats, evaluated on the first of those prompts. The eval's greedy output must equal the target's own (0
+    mismatches), in chain mode past the sliding windows and, for families without one, in tree mode too; the
+    heads' drafts must be accepted."""
+    model_dir = tmp_path / "target"
+    family_model(family, len(smollm2_tokenizer), layers=8, init_std=0.1).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    regen, store = tmp_path / "regen.jsonl", tmp_path / "store"
+    run_cli("regenerate", "--model", model_dir, "--out", regen, "--limit", 6, "--max-new-tokens", NEW,
+            "--max-length", 256, "--device", "cpu", "--no-progress")
+    run_cli("extract", "--model", model_dir, "--data", regen, "--out", store, "--max-length", 256, "--top-k", 4,
+            "--shard-size", 3, "--no-progress")
+    run_cli("verify", store)
+    first = json.loads(regen.read_text().splitlines()[0])["messages"]
+    user = next(i for i, m in enumerate(first) if m["role"] == "user")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"messages": first[:user + 1]}) + "\n")
+    for variant in ("eagle1", "eagle3"):
+        run = tmp_path / variant
+        run_cli("train", "--feats", store, "--variant", variant, "--out", run, "--max-steps", STEPS, "--lr", 3e-3,
+                "--tokens-per-batch", 512, "--draft-vocab-size", 2048, "--ttt-steps", 2, "--val-fraction", 0,
+                *(("--head-init", "target") if variant == "eagle3" else ()), "--no-progress")
+        formats = ("vllm", "speculators") if variant == "eagle3" else ("vllm",)
+        for fmt in formats:
+            out = tmp_path / f"{variant}-{fmt}"
+            run_cli("export", run, "--format", fmt, "--out", out, "--dtype", "fp32")
+            cfg = json.loads((out / "config.json").read_text())
+            body = cfg.get("transformer_layer_config", cfg)
+            assert body["hidden_act"] == "silu" and "sliding_attention" not in json.dumps(body["rope_parameters"])
+        modes = ("chain",) if family in WINDOWED else ("chain", "tree")
+        for mode in modes:
+            report = tmp_path / f"{variant}-{mode}.json"
+            run_cli("eval", "--draft", tmp_path / f"{variant}-vllm", "--prompts", prompts, "--mode", mode,
+                    "--depth", 3, "--top-k", 2, "--total-tokens", 6, "--max-new-tokens", NEW, "--policy", "fixed",
+                    "--linears", "stock", "--baselines", "", "--report", report, "--no-progress")
+            rep = json.loads(report.read_text())
+            MATRIX_REPORT.append(f"families: {family} {variant} {mode}: tau {rep['acceptance_length']:.2f}, "
+                                 f"mismatches {rep['mismatches']}")
+            assert rep["mismatches"] == 0 and rep["turns"] == 1, (family, variant, mode)
+            assert rep["acceptance_length"] > 1.0, (family, variant, mode, rep["acceptance_length"])
+            if family in WINDOWED:
+                assert rep["prompts"][0]["prompt_tokens"] + NEW > WINDOW  # the decoding crossed the window

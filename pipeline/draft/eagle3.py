@@ -149,7 +149,7 @@ def prediction_coverage(reader: Any, t2d: torch.Tensor, samples: int = PREDICTIO
     ``draft_vocab_coverage`` counts the *data* tokens; when the answers are not the target's own (a random or
     mismatched target), the two differ, and at 0 every step would train on nothing: refused here, before any work.
     Returns -1.0 where the store has no top-k ids (``--target full`` stores)."""
-    if "topk_ids" not in reader.has():
+    if "topk_ids" not in reader.has:
         return -1.0
     n = len(reader)
     picks = sorted({int(i * n / min(n, samples)) for i in range(min(n, samples))})
