@@ -247,7 +247,7 @@ def test_load_target_picks_an_attention_the_family_supports(tmp_path, family, sm
 
 MATRIX = sorted(FAMILIES)
 WINDOWED = {"mistral_window", "gemma2", "gemma3_text", "gpt_oss"}
-NEW, STEPS = 32, 30  # answer tokens regenerated / evaluated; optimizer steps per head
+RECORDS, NEW, STEPS = 2, 32, 60  # records regenerated, answer tokens regenerated / evaluated, steps per head
 MATRIX_REPORT = LIVE_REPORT  # the closing summary lists every cell's tau
 
 
@@ -264,7 +264,7 @@ def run_cli(*args: str) -> str:
 @pytest.mark.parametrize("family", MATRIX)
 def test_family_matrix(tmp_path, smollm2_tokenizer, family):
     """A tiny random ``family`` target with SmolLM2's tokenizer through every stage, as a user runs them: its own
-    answers to 6 ShareGPT records (regenerate), extract, verify, both heads trained on them, exported in both
+    answers to 2 ShareGPT records (regenerate), extract, verify, both heads trained on them, exported in both
     formats, evaluated on the first of those prompts. The eval's greedy output must equal the target's own (0
     mismatches), in chain mode past the sliding windows and, for families without one, in tree mode too; the
     heads' drafts must be accepted."""
@@ -272,7 +272,7 @@ def test_family_matrix(tmp_path, smollm2_tokenizer, family):
     family_model(family, len(smollm2_tokenizer), layers=8, init_std=0.1).save_pretrained(model_dir)
     smollm2_tokenizer.save_pretrained(model_dir)
     regen, store = tmp_path / "regen.jsonl", tmp_path / "store"
-    run_cli("regenerate", "--model", model_dir, "--out", regen, "--limit", 6, "--max-new-tokens", NEW,
+    run_cli("regenerate", "--model", model_dir, "--out", regen, "--limit", RECORDS, "--max-new-tokens", NEW,
             "--max-length", 256, "--device", "cpu", "--no-progress")
     run_cli("extract", "--model", model_dir, "--data", regen, "--out", store, "--max-length", 256, "--top-k", 4,
             "--shard-size", 3, "--no-progress")
@@ -283,7 +283,7 @@ def test_family_matrix(tmp_path, smollm2_tokenizer, family):
     prompts.write_text(json.dumps({"messages": first[:user + 1]}) + "\n")
     for variant in ("eagle1", "eagle3"):
         run = tmp_path / variant
-        run_cli("train", "--feats", store, "--variant", variant, "--out", run, "--max-steps", STEPS, "--lr", 3e-3,
+        run_cli("train", "--feats", store, "--variant", variant, "--out", run, "--max-steps", STEPS, "--lr", 1e-2,
                 "--tokens-per-batch", 512, "--draft-vocab-size", 2048, "--ttt-steps", 2, "--val-fraction", 0,
                 *(("--head-init", "target") if variant == "eagle3" else ()), "--no-progress")
         formats = ("vllm", "speculators") if variant == "eagle3" else ("vllm",)
