@@ -47,8 +47,10 @@ target-identical) ``embed_tokens.weight`` in ``model.safetensors``: speculators'
 ``Eagle3DraftModel.from_pretrained`` otherwise leaves its embedding all zeros (without a warning); vLLM loads it
 when present and shares the target's otherwise.
 
-Rope fields are written from the target's config (normalised ``rope_parameters`` plus the legacy ``rope_theta``
-/ ``rope_scaling`` pair older loaders read), so the served draft rotates exactly as it was trained.
+Rope fields are the draft's (:func:`pipeline.draft.layers.draft_rope_source`: the target's rope as one
+full-attention Llama layer reads it, ``partial_rotary_factor`` inside ``rope_parameters``), written as normalised
+``rope_parameters`` plus the legacy ``rope_theta`` / ``rope_scaling`` pair older loaders read, so the served draft
+rotates exactly as it was trained.
 
 Our own metadata sits under the single extra key ``"pipeline"`` (ignored by every loader above) so that
 :func:`load_export` can rebuild the module. The frozen target pieces the module needs at load time
