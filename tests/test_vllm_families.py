@@ -66,7 +66,8 @@ def test_eagle3_export_of_another_family_is_served_by_vllm(tmp_path, smollm2_tok
     from pipeline.evaluate.vllm_engine import engine_options, evaluate_vllm
 
     model_dir = tmp_path / "target"
-    target = family_model(SERVED, len(smollm2_tokenizer), layers=8, init_std=0.1)
+    # head_dim 64: vLLM's CPU attention kernels exist for a few head sizes only (16 is refused)
+    target = family_model(SERVED, len(smollm2_tokenizer), layers=8, init_std=0.1, head_dim=64)
     target.save_pretrained(model_dir)
     smollm2_tokenizer.save_pretrained(model_dir)
     prompts = tmp_path / "p.jsonl"
