@@ -69,6 +69,41 @@ def test_missing_mlp_field_is_refused_with_its_name():
         Eagle3Config.from_target(tc, AUX)
 
 
+# Real-shaped configs (transformers' defaults for these classes: the published models' sizes) where a field's
+# meaning matters: vocabularies past uint16, per-expert and dense-layer MLP fields, DeepSeek's rope-slice head_dim.
+REAL_SHAPED = {  # class -> (vocab, draft MLP width, draft head_dim)
+    "Qwen3Config": (151936, 22016, 128),
+    "Qwen3MoeConfig": (151936, 768 * 8, 2048 // 32),
+    "GptOssConfig": (201088, 2880 * 4, 64),
+    "Gemma3TextConfig": (262208, 9216, 256),
+    "DeepseekV3Config": (129280, 2048 * (8 + 1), 7168 // 128),
+}
+
+
+@pytest.mark.parametrize("cls_name", sorted(REAL_SHAPED))
+def test_real_shaped_configs_and_large_vocabularies(cls_name):
+    import numpy as np
+    import transformers
+
+    from pipeline.draft.eagle3 import build_draft_vocab, target_to_draft
+
+    tc = json.loads(json.dumps(getattr(transformers, cls_name)().to_dict()))
+    vocab, mlp, head_dim = REAL_SHAPED[cls_name]
+    c = Eagle3Config.from_target(tc, (2, 4, 6), draft_vocab_size=32000)
+    assert (c.vocab_size, c.intermediate_size, c.head_dim, c.draft_vocab_size) == (vocab, mlp, head_dim, 32000)
+    RotaryEmbedding(c.target_config, c.head_dim)  # the draft's rope builds from the family's rope fields
+    # a 32k draft vocabulary over ids past 65,535 (stored as uint32 top-k ids): maps and coverage stay exact
+    counts = np.zeros(vocab, dtype=np.int64)
+    counts[vocab - 32000:] = 5  # the most frequent tokens are the highest ids
+    d2t, t2d, coverage = build_draft_vocab(counts, 32000)
+    top = torch.tensor([vocab - 1, vocab - 32000, 70000 if vocab - 32000 > 70000 else 0])
+    assert coverage == 1.0 and t2d[vocab - 1] and int(t2d.sum()) == 32000
+    assert target_to_draft(top, d2t, vocab).tolist()[:2] == [31999, 0]
+    ids = torch.tensor([[vocab - 1], [vocab - 2], [3], [vocab - 3]], dtype=torch.int64)
+    reader = _Reader([{"topk_ids": ids, "loss_mask": torch.tensor([0, 1, 1, 1], dtype=torch.bool)}])
+    assert prediction_coverage(reader, t2d) == pytest.approx(2 / 3)
+
+
 # ---- points 2 and 3: rope -------------------------------------------------------------------------------------
 
 
