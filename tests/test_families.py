@@ -341,3 +341,23 @@ def test_family_matrix(tmp_path, smollm2_tokenizer, family):
             assert rep["acceptance_length"] > 1.0, (family, variant, mode, rep["acceptance_length"])
             if family in WINDOWED:
                 assert rep["prompts"][0]["prompt_tokens"] + NEW > WINDOW  # the decoding crossed the window
+
+
+def test_train_refuses_eagle3_on_answers_that_are_not_the_targets(tmp_path, smollm2_tokenizer):
+    """ShareGPT's own answers through a random Qwen3-MoE target whose argmaxes never fall among the data's 2,048
+    most frequent tokens: `pipeline train --variant eagle3` stops with one `error:` line before any step."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    model_dir, store, run = tmp_path / "target", tmp_path / "store", tmp_path / "run"
+    family_model("qwen3_moe", len(smollm2_tokenizer), layers=8, init_std=0.1).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    run_cli("extract", "--model", model_dir, "--out", store, "--limit", 6, "--max-length", 128, "--top-k", 4,
+            "--shard-size", 3, "--no-progress")
+    res = CliRunner().invoke(main, ["train", "--feats", str(store), "--variant", "eagle3", "--out", str(run),
+                                    "--max-steps", "2", "--draft-vocab-size", "2048", "--no-progress"])
+    lines = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert "none of the target's next-token argmaxes" in lines[0] and "--draft-vocab-size" in lines[0]
+    assert not (run / "final").exists() and not (run / "metrics.jsonl").exists()
