@@ -22,8 +22,8 @@ class TargetError(ValueError):
 
 def load_target(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """(model in eval mode, tokenizer) of an HF model directory. ``sdpa`` attention (it takes our 4D tree masks),
-    or ``eager`` for models transformers serves only that way (Gemma-2's softcapping, gpt-oss's sinks; eager takes
-    the same 4D masks)."""
+    or ``eager`` where transformers refuses sdpa for the architecture (gpt-oss's attention sinks; eager takes the
+    same 4D masks)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -181,7 +181,7 @@ def compact_cache(cache, past: int, rows: list[int]) -> None:
 
 
 def sliding_window(model) -> int | None:
-    """The smallest attention window of ``model``'s sliding layers (None: every layer attends to everything)."""
+    """The attention window of ``model``'s sliding layers (None: every layer attends to everything)."""
     cfg = model.config
     window = getattr(cfg, "sliding_window", None)
     types = getattr(cfg, "layer_types", None)
