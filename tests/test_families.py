@@ -224,6 +224,17 @@ def test_eagle3_refuses_a_vocabulary_holding_no_target_prediction():
         prediction_coverage(_Reader([outside, outside]), t2d)
     inside = {"topk_ids": torch.tensor([[3], [50], [4], [5], [6]]), "loss_mask": mask}
     assert prediction_coverage(_Reader([inside]), t2d) == pytest.approx(3 / 4)  # rows 0..3 predict tokens 1..4
+    # stores without top-k ids (--target full): the argmax of the target's lm_head over hidden_last
+    g = torch.Generator().manual_seed(0)
+    head, hidden = torch.randn(V, 8, generator=g), torch.randn(5, 8, generator=g)
+    full = _Reader([{"hidden_last": hidden, "loss_mask": mask}])
+    full.has = {"hidden_last", "loss_mask"}
+    assert prediction_coverage(full, t2d) == -1.0  # no lm_head given: not measured
+    hot = torch.zeros(V, dtype=torch.bool)
+    hot[(hidden[:-1] @ head.T).argmax(-1)] = True
+    assert prediction_coverage(full, hot, head) == 1.0
+    with pytest.raises(TargetConfigError, match="draft vocabulary"):
+        prediction_coverage(full, ~hot, head)
 
 
 # ---- point 1: the evaluator on every family (sliding windows, eager-only attention) --------------------------------

@@ -141,22 +141,30 @@ def target_to_draft(target_ids: torch.Tensor, d2t: torch.Tensor, vocab_size: int
 PREDICTION_SAMPLES = 64  # stored samples read (evenly spread) to measure the draft vocabulary's prediction coverage
 
 
-def prediction_coverage(reader: Any, t2d: torch.Tensor, samples: int = PREDICTION_SAMPLES) -> float:
-    """Share of the target's next-token argmaxes at loss positions (stored ``topk_ids[..., 0]`` of up to
-    ``samples`` samples) that the draft vocabulary holds: the rows EAGLE-3 can learn from (a row whose target
-    argmax lies outside the draft vocabulary weighs 0 in :func:`training_loss`).
+def prediction_coverage(reader: Any, t2d: torch.Tensor, head: torch.Tensor | None = None,
+                        samples: int = PREDICTION_SAMPLES) -> float:  # fmt: skip
+    """Share of the target's next-token argmaxes at loss positions (stored ``topk_ids[..., 0]``, or
+    ``argmax(hidden_last @ head.T)`` for stores without top-k ids, of up to ``samples`` samples) that the draft
+    vocabulary holds: the rows EAGLE-3 can learn from (a row whose target argmax lies outside the draft vocabulary
+    weighs 0 in :func:`training_loss`).
 
     ``draft_vocab_coverage`` counts the *data* tokens; when the answers are not the target's own (a random or
     mismatched target), the two differ, and at 0 every step would train on nothing: refused here, before any work.
-    Returns -1.0 where the store has no top-k ids (``--target full`` stores)."""
-    if "topk_ids" not in reader.has:
+    Returns -1.0 where it cannot be measured (no top-k ids and no ``head``)."""
+    topk = "topk_ids" in reader.has
+    if not topk and (head is None or "hidden_last" not in reader.has):
         return -1.0
     n = len(reader)
     picks = sorted({int(i * n / min(n, samples)) for i in range(min(n, samples))})
     hit = total = 0
     for i in picks:
-        s = reader.sample(i, ("topk_ids", "loss_mask"))
-        arg = s["topk_ids"][:-1, 0].long()
+        s = reader.sample(i, ("topk_ids" if topk else "hidden_last", "loss_mask"))
+        if topk:
+            arg = s["topk_ids"][:-1, 0].long()
+        else:  # a few hundred rows at a time: rows x vocabulary logits
+            h = s["hidden_last"][:-1].to(head.dtype)
+            arg = torch.cat([(h[j:j + 256] @ head.T).argmax(-1) for j in range(0, h.shape[0], 256)]) if len(h) else (
+                torch.zeros(0, dtype=torch.long))  # fmt: skip
         counted = s["loss_mask"][1:].bool()  # row t predicts token t + 1, counted where that is a loss token
         total += int(counted.sum())
         hit += int((t2d[arg.clamp_min(0)] & counted).sum())
@@ -437,7 +445,7 @@ class Eagle3Head(DraftHead):
         config = self.config_class.from_store(reader, cfg.draft_vocab_size)
         model = self.module_class(config)
         d2t, t2d, coverage = build_draft_vocab(reader.token_counts(), config.draft_vocab_size)
-        predicted = prediction_coverage(reader, t2d)
+        predicted = prediction_coverage(reader, t2d, weights.get("lm_head.weight", weights["embed_tokens.weight"]))
         model.set_vocab(d2t, t2d)
         model.load_target_weights(weights, target_head=cfg.target == "full")
         if cfg.head_init == "target":
