@@ -102,11 +102,11 @@ def mlp_width(target_config: dict) -> int:
                                     f"width is read from it; add it or pass intermediate_size explicitly")  # fmt: skip
         return int(tc[name])
 
-    if kind in ("deepseek_v3", "deepseek_v2", "kimi_k2"):
+    if kind in ("deepseek_v3", "deepseek_v2"):
         return need("moe_intermediate_size") * (need("num_experts_per_tok") + int(tc.get("n_shared_experts") or 0))
     if kind == "gpt_oss":
         return need("intermediate_size") * need("num_experts_per_tok")
-    if kind in ("qwen3_moe", "qwen2_moe"):
+    if kind == "qwen3_moe":
         return need("moe_intermediate_size") * need("num_experts_per_tok")
     return need("intermediate_size")
 
