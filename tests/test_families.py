@@ -332,6 +332,9 @@ def test_family_matrix(tmp_path, smollm2_tokenizer, family):
         run_cli("train", "--feats", store, "--variant", variant, "--out", run, "--max-steps", STEPS, "--lr", 1e-2,
                 "--tokens-per-batch", 512, "--draft-vocab-size", 2048, "--ttt-steps", 2, "--val-fraction", 0,
                 *(("--head-init", "target") if variant == "eagle3" else ()), "--no-progress")
+        if variant == "eagle3":  # the run records the share of target predictions its vocabulary holds
+            draft = json.loads((run / "config.json").read_text())["draft"]
+            assert 0.0 < draft["draft_vocab_prediction_coverage"] <= 1.0
         formats = ("vllm", "speculators") if variant == "eagle3" else ("vllm",)
         for fmt in formats:
             out = tmp_path / f"{variant}-{fmt}"
