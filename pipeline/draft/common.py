@@ -71,25 +71,96 @@ class DraftShape(DraftConfigMixin):
     max_position_embeddings: int
 
 
+class TargetConfigError(ValueError):
+    """A field of the target's config the draft cannot mirror; the message names it and what to do."""
+
+
+# Families whose RMSNorm computes ``(1 + w) * x_hat`` (the stored ``norm.weight`` is ``w``, centred on 0).
+ONE_PLUS_NORM_FAMILIES = ("gemma", "gemma2", "gemma3", "gemma3_text")
+# Families whose attention bias / MLP bias / activation fields mean what a Llama layer's do (anything else: the
+# draft keeps the Llama defaults, see :func:`target_fields`).
+LLAMA_LAYER_FAMILIES = ("llama",)
+
+
+def model_type(target_config: dict) -> str:
+    return str(target_config.get("model_type") or "")
+
+
+def mlp_width(target_config: dict) -> int:
+    """The draft's MLP width: the MLP work the target does per token, read from the field that means it per family.
+
+    Dense families: ``intermediate_size``. DeepSeek-V3 (its ``intermediate_size`` is the width of its few dense
+    layers): ``moe_intermediate_size x (num_experts_per_tok + n_shared_experts)``, the routed and shared experts a
+    token runs through. gpt-oss (``intermediate_size`` is per expert, no dense layer):
+    ``intermediate_size x num_experts_per_tok``. Qwen3-MoE: ``moe_intermediate_size x num_experts_per_tok``.
+    """
+    tc, kind = target_config, model_type(target_config)
+
+    def need(name: str) -> int:
+        if tc.get(name) is None:
+            raise TargetConfigError(f"target config.json has model_type {kind!r} but no {name!r}: the draft's MLP "
+                                    f"width is read from it; add it or pass intermediate_size explicitly")  # fmt: skip
+        return int(tc[name])
+
+    if kind in ("deepseek_v3", "deepseek_v2"):
+        return need("moe_intermediate_size") * (need("num_experts_per_tok") + int(tc.get("n_shared_experts") or 0))
+    if kind == "gpt_oss":
+        return need("intermediate_size") * need("num_experts_per_tok")
+    if kind == "qwen3_moe":
+        return need("moe_intermediate_size") * need("num_experts_per_tok")
+    return need("intermediate_size")
+
+
 def target_fields(target_config: dict) -> dict[str, Any]:
-    """The draft-layer sizes the target's HF config implies (the draft mirrors one target layer)."""
+    """The draft layer's sizes from the target's HF config. The draft is one Llama layer trained from scratch (what
+    vLLM and SGLang serve), so it mirrors the target's width, heads and eps, and keeps the Llama layer's own choices
+    where a family's field means something a Llama layer has no way to express:
+
+    * ``hidden_act``: silu (vLLM's Llama MLP serves nothing else; Gemma's ``hidden_activation`` is not copied);
+    * attention/MLP bias: the target's ``attention_bias``/``mlp_bias`` for Llama targets only (Qwen2's q/k/v-only
+      bias is part of its own weights, which the draft does not load);
+    * ``head_dim``: ``hidden_size // num_attention_heads`` for MLA targets (DeepSeek's ``head_dim`` is its rope
+      slice, not a q/k/v head); the target's ``head_dim`` otherwise;
+    * MLP width: :func:`mlp_width`.
+    """
     tc = target_config
     heads = int(tc["num_attention_heads"])
     hidden = int(tc["hidden_size"])
-    head_dim = tc.get("head_dim") or hidden // heads
+    mla = tc.get("kv_lora_rank") is not None
+    head_dim = hidden // heads if mla else (tc.get("head_dim") or hidden // heads)
+    llama = model_type(tc) in LLAMA_LAYER_FAMILIES
     return {
         "hidden_size": hidden,
-        "intermediate_size": int(tc["intermediate_size"]),
+        "intermediate_size": mlp_width(tc),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(tc.get("num_key_value_heads") or heads),
+        "num_key_value_heads": heads if mla else int(tc.get("num_key_value_heads") or heads),
         "head_dim": int(head_dim),
         "rms_norm_eps": float(tc.get("rms_norm_eps", 1e-6)),
         "vocab_size": int(tc["vocab_size"]),
         "max_position_embeddings": int(tc.get("max_position_embeddings", 2048)),
-        "hidden_act": str(tc.get("hidden_act", "silu")),
-        "attention_bias": bool(tc.get("attention_bias", False)),
-        "mlp_bias": bool(tc.get("mlp_bias", False)),
+        "hidden_act": "silu",
+        "attention_bias": bool(tc.get("attention_bias", False)) and llama,
+        "mlp_bias": bool(tc.get("mlp_bias", False)) and llama,
     }
+
+
+def norm_weight_offset(target_config: dict) -> float:
+    """What to add to the target's stored RMSNorm weight to get the factor it multiplies by: 1 for Gemma's
+    ``(1 + w) * x_hat``, 0 for Llama's ``w * x_hat`` (the draft's norm is Llama's)."""
+    return 1.0 if model_type(target_config) in ONE_PLUS_NORM_FAMILIES else 0.0
+
+
+def final_logit_softcap(target_config: dict) -> float | None:
+    """Gemma-2's ``final_logit_softcapping`` (logits ``c * tanh(z / c)``), None where the target has none."""
+    cap = target_config.get("final_logit_softcapping")
+    return float(cap) if cap else None
+
+
+def target_logits(hidden: torch.Tensor, head: torch.Tensor, target_config: dict) -> torch.Tensor:
+    """The target's logits from its lm_head input (``hidden @ head.T``, then its final softcapping if any), fp32."""
+    z = (hidden.to(head.dtype) @ head.T).float()
+    cap = final_logit_softcap(target_config)
+    return z if cap is None else cap * torch.tanh(z / cap)
 
 
 def check_overrides(cls_fields: set[str], overrides: dict, fixed: tuple[str, ...]) -> None:

@@ -28,6 +28,7 @@ from pipeline.draft.common import (
     shifted_rows,
     soft_ce_sparse,
     target_fields,
+    target_logits,
     topk_target,
     unroll_chain,
 )
@@ -207,7 +208,8 @@ def training_loss(model: Eagle1Draft, batch: dict[str, torch.Tensor],
     target_f = shift_left(f, 1)[counted]
     if obj.target == "full":
         with torch.no_grad():
-            tlogits = model.lm_head(target_f.to(model.lm_head.weight.dtype)).float()
+            # the target's own logits: its lm_head and, for Gemma-2, its final softcapping
+            tlogits = target_logits(target_f, model.lm_head.weight, model.config.target_config)
             p = torch.softmax(tlogits, dim=-1)
             target_arg = tlogits.argmax(-1)
         ce = -(p * logq).sum(-1)

@@ -38,14 +38,17 @@ from torch import nn
 
 from pipeline.draft.common import (
     DraftShape,
+    TargetConfigError,
     acceptance_length,
     check_overrides,
     greedy_chain_acceptance,
     masked_mean,
+    norm_weight_offset,
     run_layer,
     shifted_rows,
     soft_ce_sparse,
     target_fields,
+    target_logits,
     unroll_chain,
 )
 from pipeline.draft.eagle1 import add_noise
@@ -135,6 +138,45 @@ def target_to_draft(target_ids: torch.Tensor, d2t: torch.Tensor, vocab_size: int
     return index[target_ids]
 
 
+PREDICTION_SAMPLES = 64  # stored samples read (evenly spread) to measure the draft vocabulary's prediction coverage
+
+
+def prediction_coverage(reader: Any, t2d: torch.Tensor, head: torch.Tensor | None = None,
+                        samples: int = PREDICTION_SAMPLES) -> float:  # fmt: skip
+    """Share of the target's next-token argmaxes at loss positions (stored ``topk_ids[..., 0]``, or
+    ``argmax(hidden_last @ head.T)`` for stores without top-k ids, of up to ``samples`` samples) that the draft
+    vocabulary holds: the rows EAGLE-3 can learn from (a row whose target argmax lies outside the draft vocabulary
+    weighs 0 in :func:`training_loss`).
+
+    ``draft_vocab_coverage`` counts the *data* tokens; when the answers are not the target's own (a random or
+    mismatched target), the two differ, and at 0 every step would train on nothing: refused here, before any work.
+    Returns -1.0 where it cannot be measured (no top-k ids and no ``head``)."""
+    topk = "topk_ids" in reader.has
+    if not topk and (head is None or "hidden_last" not in reader.has):
+        return -1.0
+    n = len(reader)
+    picks = sorted({int(i * n / min(n, samples)) for i in range(min(n, samples))})
+    hit = total = 0
+    for i in picks:
+        s = reader.sample(i, ("topk_ids" if topk else "hidden_last", "loss_mask"))
+        if topk:
+            arg = s["topk_ids"][:-1, 0].long()
+        else:  # a few hundred rows at a time: rows x vocabulary logits
+            h = s["hidden_last"][:-1].to(head.dtype)
+            arg = torch.cat([(h[j:j + 256] @ head.T).argmax(-1) for j in range(0, h.shape[0], 256)]) if len(h) else (
+                torch.zeros(0, dtype=torch.long))  # fmt: skip
+        counted = s["loss_mask"][1:].bool()  # row t predicts token t + 1, counted where that is a loss token
+        total += int(counted.sum())
+        hit += int((t2d[arg.clamp_min(0)] & counted).sum())
+    if total and hit == 0:
+        raise TargetConfigError(
+            f"draft vocabulary: none of the target's next-token argmaxes at {total} loss positions of {len(picks)} "
+            f"samples lies in the {int(t2d.sum())}-token draft vocabulary (built from the data's token counts), so "
+            "EAGLE-3 would train on nothing: the answers are not the target's own; regenerate them with the target "
+            "(pipeline regenerate) or raise --draft-vocab-size")  # fmt: skip
+    return hit / total if total else 0.0
+
+
 # ---- module ----------------------------------------------------------------------------------------------------
 
 
@@ -191,8 +233,9 @@ class Eagle3Draft(nn.Module):
         used = torch.arange(self.d2t.shape[0]) + self.d2t.cpu()
         with torch.no_grad():
             self.lm_head.weight.copy_(head[used].to(self.lm_head.weight.dtype))
-            if "norm.weight" in weights:
-                self.norm.weight.copy_(weights["norm.weight"].to(self.norm.weight.dtype))
+            if "norm.weight" in weights:  # Gemma stores w of its (1 + w) norm: the draft's Llama norm needs 1 + w
+                offset = norm_weight_offset(self.config.target_config)
+                self.norm.weight.copy_(weights["norm.weight"].to(self.norm.weight.dtype) + offset)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -315,7 +358,7 @@ def _step_target(model: Eagle3Draft, batch: dict[str, torch.Tensor], step: int, 
         if head is None:
             raise ValueError("target='full' needs the target lm_head: model.load_target_weights(w, target_head=True)")
         with torch.no_grad():
-            tl = pick(batch["hidden_last"]).to(head.dtype) @ head.T
+            tl = target_logits(pick(batch["hidden_last"]), head, model.config.target_config)
             arg = tl.argmax(-1)
             used = torch.arange(model.d2t.shape[0], device=tl.device) + model.d2t
             p = torch.softmax(tl[..., used].float(), dim=-1)
@@ -402,6 +445,7 @@ class Eagle3Head(DraftHead):
         config = self.config_class.from_store(reader, cfg.draft_vocab_size)
         model = self.module_class(config)
         d2t, t2d, coverage = build_draft_vocab(reader.token_counts(), config.draft_vocab_size)
+        predicted = prediction_coverage(reader, t2d, weights.get("lm_head.weight", weights["embed_tokens.weight"]))
         model.set_vocab(d2t, t2d)
         model.load_target_weights(weights, target_head=cfg.target == "full")
         if cfg.head_init == "target":
@@ -412,7 +456,8 @@ class Eagle3Head(DraftHead):
                                     noise=cfg.noise or "none", noise_std=cfg.noise_std,
                                     noise_scale_by_length=cfg.noise_scale_by_length)  # fmt: skip
         return model, objective, {"variant": self.name, "config": config.to_dict(),
-                                  "draft_vocab_size": config.draft_vocab_size, "draft_vocab_coverage": coverage}  # fmt: skip
+                                  "draft_vocab_size": config.draft_vocab_size, "draft_vocab_coverage": coverage,
+                                  "draft_vocab_prediction_coverage": predicted}  # fmt: skip
 
     loss = staticmethod(training_loss)
     chain_acceptance = staticmethod(chain_acceptance)

@@ -47,8 +47,10 @@ target-identical) ``embed_tokens.weight`` in ``model.safetensors``: speculators'
 ``Eagle3DraftModel.from_pretrained`` otherwise leaves its embedding all zeros (without a warning); vLLM loads it
 when present and shares the target's otherwise.
 
-Rope fields are written from the target's config (normalised ``rope_parameters`` plus the legacy ``rope_theta``
-/ ``rope_scaling`` pair older loaders read), so the served draft rotates exactly as it was trained.
+Rope fields are the draft's (:func:`pipeline.draft.layers.draft_rope_source`: the target's rope as one
+full-attention Llama layer reads it, ``partial_rotary_factor`` inside ``rope_parameters``), written as normalised
+``rope_parameters`` plus the legacy ``rope_theta`` / ``rope_scaling`` pair older loaders read, so the served draft
+rotates exactly as it was trained.
 
 Our own metadata sits under the single extra key ``"pipeline"`` (ignored by every loader above) so that
 :func:`load_export` can rebuild the module. The frozen target pieces the module needs at load time
@@ -79,7 +81,16 @@ SPECULATORS_VERSION = "0.7.0"  # the speculators release line whose config schem
 
 
 def rope_config_fields(target_config: dict) -> dict[str, Any]:
+    """The draft's rope as Llama config fields. Yarn gets its ``attention_factor`` written out: DeepSeek's
+    ``mscale``/``mscale_all_dim`` give a factor that loaders older than transformers 5 / vLLM 0.11 computed
+    differently from the generic yarn, and an explicit factor is read the same way by all."""
     params = rope_parameters(target_config)
+    if params.get("rope_type") == "yarn" and params.get("attention_factor") is None:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        from pipeline.draft.layers import rope_llama_config
+
+        params["attention_factor"] = float(ROPE_INIT_FUNCTIONS["yarn"](rope_llama_config(target_config), None)[1])
     scaling = None
     if params.get("rope_type", "default") != "default":
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}

@@ -47,25 +47,82 @@ class RMSNorm(nn.Module):
         return self.weight * rms_normalize(x, self.eps)
 
 
+# Per-layer-type rope dicts (Gemma-3: ``{"sliding_attention": {...}, "full_attention": {...}}``) are keyed by these.
+_LAYER_TYPE_KEYS = {"full_attention", "sliding_attention", "chunked_attention", "linear_attention"}
+# Fields that describe the target's own attention layout, not the draft's one full-attention Llama layer.
+_TARGET_LAYOUT_KEYS = {"layer_types", "rope_local_base_freq", "sliding_window", "use_sliding_window",
+                       "partial_rotary_factor"}  # fmt: skip
+
+
+class RopeConfigError(ValueError):
+    """The target's rope fields cannot be mirrored by the draft's Llama layer."""
+
+
+def draft_rope_source(target_config: dict) -> dict:
+    """The target's config with its rope fields as the draft's one full-attention Llama layer reads them.
+
+    * Per-layer-type rope (Gemma-3): the ``full_attention`` entry (the draft attends to every earlier position,
+      like the target's global layers; a Llama layer has one rope, which vLLM/SGLang then serve).
+    * ``partial_rotary_factor`` (Phi-3/4, top level or inside the rope dict) moves into ``rope_parameters``, where
+      transformers' rope init functions and vLLM's ``get_rope`` both read it (vLLM rotates
+      ``int(head_dim * factor)`` dims, as :func:`apply_rope` does).
+    """
+    cfg = copy.deepcopy({k: v for k, v in target_config.items() if k not in _NON_ROPE_KEYS})
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and params and set(params) <= _LAYER_TYPE_KEYS:
+        if not isinstance(params.get("full_attention"), dict):
+            raise RopeConfigError(f"rope_parameters has per-layer-type entries {sorted(params)} but no "
+                                  "'full_attention' one: the draft's one layer needs the full-attention rope; add it "
+                                  "to the target's config.json")  # fmt: skip
+        cfg["rope_parameters"] = params["full_attention"]
+    factor = cfg.get("partial_rotary_factor")
+    for k in _TARGET_LAYOUT_KEYS:
+        cfg.pop(k, None)
+    if isinstance(cfg.get("rope_parameters"), dict):
+        factor = cfg["rope_parameters"].get("partial_rotary_factor", factor)
+    if factor is not None and float(factor) != 1.0:
+        if not 0.0 < float(factor) < 1.0:
+            raise RopeConfigError(f"partial_rotary_factor {factor} is not in (0, 1]")
+        if cfg.get("rope_parameters") is None:
+            from transformers import LlamaConfig
+
+            cfg["rope_parameters"] = dict(LlamaConfig(**cfg).rope_parameters)  # legacy rope_theta/rope_scaling
+        cfg["rope_parameters"]["partial_rotary_factor"] = float(factor)
+    elif isinstance(cfg.get("rope_parameters"), dict):
+        cfg["rope_parameters"].pop("partial_rotary_factor", None)  # 1.0: the Llama default, written nowhere
+    return cfg
+
+
 def rope_llama_config(target_config: dict, *, head_dim: int | None = None):
-    """A ``LlamaConfig`` carrying the target's rope fields (normalised to transformers' ``rope_parameters``).
+    """A ``LlamaConfig`` carrying the draft's rope fields (:func:`draft_rope_source`, normalised to
+    transformers' ``rope_parameters``).
 
     ``head_dim`` overrides the per-head size the frequencies are computed for (the draft's, which equals the
     target's unless overridden).
     """
     from transformers import LlamaConfig
 
-    # Deep copy: transformers normalises rope dicts in place and must not edit the caller's config.
-    cfg = copy.deepcopy({k: v for k, v in target_config.items() if k not in _NON_ROPE_KEYS})
+    cfg = draft_rope_source(target_config)
     if head_dim is not None:
         cfg["head_dim"] = head_dim
     return LlamaConfig(**cfg)
 
 
 def rope_parameters(target_config: dict) -> dict:
-    """The target's rope parameters as transformers >= 5 normalises them (``rope_type``, ``rope_theta``, ...)."""
+    """The draft's rope parameters as transformers >= 5 normalises them (``rope_type``, ``rope_theta``, ...)."""
     params = rope_llama_config(target_config).rope_parameters
     return dict(params)
+
+
+def rotary_dim(target_config: dict, head_dim: int) -> int:
+    """How many of a head's ``head_dim`` dims the rope rotates: ``int(head_dim * partial_rotary_factor)``, as vLLM's
+    ``get_rope`` and transformers' rope init functions compute it."""
+    factor = float(rope_parameters(target_config).get("partial_rotary_factor", 1.0))
+    dim = int(head_dim * factor)
+    if dim % 2 or dim <= 0:
+        raise RopeConfigError(f"partial_rotary_factor {factor} x head_dim {head_dim} = {dim} rotary dims: needs an "
+                              "even, positive number")  # fmt: skip
+    return dim
 
 
 def rope_exact_length(target_config: dict) -> tuple[str, int] | None:
@@ -102,7 +159,8 @@ class RotaryEmbedding(nn.Module):
         self.rope_type = params.get("rope_type", "default")
         if self.rope_type == "default":
             base = float(params["rope_theta"])
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+            dim = rotary_dim(target_config, head_dim)
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
             scaling = 1.0
         else:
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](config, None)
@@ -122,8 +180,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, heads, N, d]`` by ``cos/sin [B, N, d]`` (HF's half-split convention)."""
+    """Rotate ``x [B, heads, N, d]`` by ``cos/sin [B, N, r]`` (HF's half-split convention). With partial rotary
+    (``r < d``) only the first ``r`` dims rotate and the rest pass through (transformers' Phi-3, vLLM's
+    ``get_rope``)."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    r = cos.shape[-1]
+    if r < x.shape[-1]:
+        rot, rest = x[..., :r], x[..., r:]
+        return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
     return x * cos + _rotate_half(x) * sin
 
 

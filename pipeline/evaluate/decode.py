@@ -18,11 +18,13 @@ from pipeline.evaluate.drafter import Drafter, DraftSettings, propose
 from pipeline.evaluate.sampling import accept
 from pipeline.evaluate.target import (
     Generation,
+    TargetError,
     cache_length,
     compact_cache,
     finish,
     new_cache,
     pick,
+    sliding_window,
     sync,
     target_forward,
 )
@@ -43,6 +45,12 @@ def verify(target, cache, root: int, tree: Tree) -> tuple[torch.Tensor, tuple]:
         impl = getattr(target.config, "_attn_implementation", "sdpa")
         if impl not in TREE_ATTENTION:
             raise ValueError(f"tree verification needs attn_implementation in {TREE_ATTENTION}, not {impl!r}")
+        window = sliding_window(target)
+        if window is not None and past + len(ids[0]) > window:
+            # one 4D mask serves every layer: exact only while the sliding layers still see every position
+            raise TargetError(f"tree verification past the target's sliding window ({window} positions; this one "
+                              f"reaches {past + len(ids[0])}): evaluate with a chain (--mode chain) or shorter "
+                              "prompts / --max-new-tokens")  # fmt: skip
         mask = additive_mask(tree_mask(tree.parents, past, device), target.dtype)
     return target_forward(target, ids, tree_positions(tree.depths, past, device), cache, mask, hidden=True)
 

@@ -21,10 +21,17 @@ class TargetError(ValueError):
 
 
 def load_target(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """(model in eval mode, tokenizer) of an HF model directory. ``sdpa`` attention: it takes our 4D tree masks."""
+    """(model in eval mode, tokenizer) of an HF model directory. ``sdpa`` attention (it takes our 4D tree masks),
+    or ``eager`` where transformers refuses sdpa for the architecture (gpt-oss's attention sinks; eager takes the
+    same 4D masks)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+    except ValueError as e:  # transformers refuses sdpa for this architecture (its message says so)
+        if "sdpa" not in str(e).lower() and "scaled_dot_product" not in str(e).lower():
+            raise
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model.to(device).eval(), tokenizer
 
@@ -94,9 +101,16 @@ def stop_token_ids(tokenizer: Any = None, generation_config: Any = None, config:
 
 
 def new_cache(model):
+    """A ``DynamicCache`` for ``model``. Its sliding-window layers record their past (keep every new position until
+    :func:`compact_cache` trims them), so that a verification's rejected drafts can be dropped after the window
+    has filled; HF still gives each forward only the keys inside the window."""
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    cache = DynamicCache(config=model.config)
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False) and hasattr(layer, "activate_past_recording"):
+            layer.activate_past_recording()
+    return cache
 
 
 _CACHE_KW: dict[type, str] = {}
@@ -134,24 +148,46 @@ def compact_cache(cache, past: int, rows: list[int]) -> None:
     """Keep the first ``past`` positions and then the new positions ``past + rows`` (in that order).
 
     Operates on the layers' key/value tensors: the public ``crop`` only drops a suffix (and changed its
-    argument's meaning within 5.x), a tree needs an arbitrary subset. Only full-attention dynamic layers
-    (their length is the tensor length) can be compacted this way.
+    argument's meaning within 5.x), a tree needs an arbitrary subset. Full-attention dynamic layers hold every
+    position; sliding-window layers (recording their past, :func:`new_cache`) hold the last positions before
+    ``past`` and every new one: both are compacted the same way, and a sliding layer is then trimmed back to the
+    ``sliding_window - 1`` positions its next forward can see.
     """
     contiguous = rows == list(range(len(rows)))
-    if contiguous and cache_length(cache) == past + len(rows):
-        return  # nothing to drop (a plain step, or every drafted token accepted)
     for layer in cache.layers:
-        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
-            raise TargetError(f"cannot compact a {type(layer).__name__} cache layer (sliding/linear attention)")
+        sliding = getattr(layer, "is_sliding", False)
+        if not hasattr(layer, "keys") or (sliding and not getattr(layer, "record_past", False)):
+            raise TargetError(f"cannot compact a {type(layer).__name__} cache layer (linear attention, or a "
+                              "sliding window not recording its past: build the cache with new_cache)")  # fmt: skip
         if layer.keys is None or layer.keys.numel() == 0:
             continue
-        if not contiguous:
-            idx = torch.tensor(rows, device=layer.keys.device) + past
-            # gather first (a copy), then write into place: no copy of the prefix
-            layer.keys[:, :, past:past + len(rows)] = layer.keys.index_select(2, idx)
-            layer.values[:, :, past:past + len(rows)] = layer.values.index_select(2, idx)
-        layer.keys = layer.keys[:, :, :past + len(rows)]
-        layer.values = layer.values[:, :, :past + len(rows)]
+        total = int(layer.cumulative_length) if sliding else int(layer.keys.shape[2])
+        first = total - int(layer.keys.shape[2])  # absolute position of the tensor's first row
+        start = past - first
+        if start < 0:
+            raise TargetError(f"{type(layer).__name__}: positions before {past} were already dropped")
+        if not (contiguous and total == past + len(rows)):
+            if not contiguous:
+                idx = torch.tensor(rows, device=layer.keys.device) + start
+                # gather first (a copy), then write into place: no copy of the prefix
+                layer.keys[:, :, start:start + len(rows)] = layer.keys.index_select(2, idx)
+                layer.values[:, :, start:start + len(rows)] = layer.values.index_select(2, idx)
+            layer.keys = layer.keys[:, :, :start + len(rows)]
+            layer.values = layer.values[:, :, :start + len(rows)]
+        if sliding:
+            layer.cumulative_length = past + len(rows)
+            keep = layer.sliding_window - 1
+            layer.keys, layer.values = layer.keys[:, :, -keep:], layer.values[:, :, -keep:]
+
+
+def sliding_window(model) -> int | None:
+    """The attention window of ``model``'s sliding layers (None: every layer attends to everything)."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
 
 
 def pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> int:
