@@ -152,6 +152,13 @@ class DocCausal:
         ki = torch.arange(key_lo, key_hi, device=dq.device)[None, :]
         return (dq == dk) & (dq >= 0) & (ki <= qi)
 
+    def segments(self) -> list[list[tuple[int, int]]] | None:
+        """Per batch row, the ``[lo, hi)`` runs of one document (padding left out); None when some document's rows
+        are not one run (then the mask is not a set of causal blocks on the diagonal)."""
+        if not hasattr(self, "_segments"):  # once per mask (TTT steps, recomputes)
+            self._segments = _runs(self.doc_ids)
+        return self._segments
+
     def first_key(self, lo: int, hi: int) -> int:
         """The first key row any query in ``[lo, hi)`` may see: the earliest first row of their documents."""
         doc = self.doc_ids
@@ -163,6 +170,24 @@ class DocCausal:
             first = first.scatter_reduce(1, ids, rows, "amin")
             self._first = torch.where(doc >= 0, first.gather(1, ids), t)
         return min(int(self._first[:, lo:hi].min()), lo) if hi > lo else lo
+
+
+def _runs(doc_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    out = []
+    for row in doc_ids.tolist():
+        runs: list[tuple[int, int]] = []
+        seen: set[int] = set()
+        lo = 0
+        for t in range(1, len(row) + 1):
+            if t == len(row) or row[t] != row[lo]:
+                if row[lo] >= 0:
+                    if row[lo] in seen:
+                        return None
+                    seen.add(row[lo])
+                    runs.append((lo, t))
+                lo = t
+        out.append(runs)
+    return out
 
 
 @dataclass
@@ -180,7 +205,7 @@ class KVBlock:
     diagonal: bool = False
 
 
-IMPLS = ("auto", "dense", "chunked", "flex")
+IMPLS = ("auto", "dense", "chunked", "flex", "flash")
 # Bytes of fp32 scores one attention chunk may hold (scores, probabilities and their masked copy); queries
 # are cut into chunks that fit, each recomputed in backward. Rows whose scores fit at once stay one chunk.
 CHUNK_SCORE_BYTES = int(os.environ.get("PIPELINE_ATTENTION_CHUNK_BYTES", 256 << 20))
@@ -203,7 +228,11 @@ def attention_impl(q: torch.Tensor, blocks: Sequence[KVBlock]) -> str:
     structured = lazy and all(b.diagonal for b in blocks[1:])
     if not structured:
         return "dense"
+    if impl == "flash" and (q.device.type != "cpu" or blocks[0].mask.segments() is None):
+        raise ValueError("PIPELINE_ATTENTION=flash: needs the CPU and documents that are single runs of rows")
     if impl == "auto":
+        if q.device.type == "cpu" and blocks[0].mask.segments() is not None:
+            return "flash"
         n = q.shape[2]
         cpu_dense = q.device.type == "cpu" and n * _score_bytes_per_row(q, n + len(blocks) - 1) <= CPU_DENSE_SCORE_BYTES
         return "dense" if cpu_dense else "chunked"
@@ -222,6 +251,8 @@ def attend(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
         return _attend_chunked(q, blocks)
     if impl == "flex":
         return _attend_flex(q, blocks)
+    if impl == "flash":
+        return _attend_flash(q, blocks)
     return _attend_dense(q, [KVBlock(b.k, b.v, b.mask.dense(), b.diagonal) if isinstance(b.mask, DocCausal)
                              else b for b in blocks])  # fmt: skip
 
@@ -297,6 +328,88 @@ def _attend_chunked(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
         else:
             outs.append(chunk(*tensors))
     return torch.cat(outs, dim=2)
+
+
+def _attend_flash(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
+    """Training attention on the CPU: torch's fused flash kernel (causal, blocked, no ``[T, T]`` tensor) once per
+    document run, so the cost is the sum of the documents' squared lengths, not the row's; TTT diagonals are merged
+    into the same softmax through the kernel's log-sum-exp (:class:`_DocFlashAttention`)."""
+    main, diags = blocks[0], blocks[1:]
+    n = q.shape[2]
+    segments = main.mask.segments()  # type: ignore[union-attr]
+    exists = torch.stack([blk.mask.reshape(-1, n).expand(q.shape[0], n) for blk in diags]) if diags else None
+    kv = [t.to(q.dtype) for blk in diags for t in (blk.k, blk.v)]
+    return _DocFlashAttention.apply(segments, q.shape[-1] ** -0.5, exists, q, main.k.to(q.dtype),
+                                    main.v.to(q.dtype), *kv)  # fmt: skip
+
+
+class _DocFlashAttention(torch.autograd.Function):
+    """Softmax attention over (causal keys of the query's document run, one diagonal key per TTT step).
+
+    The flash kernel gives each query's output ``o0`` and log-sum-exp ``l0`` over its document's keys; with the
+    diagonal scores ``s_j``, one softmax over all keys is ``out = a * o0 + sum_j b_j v_j``, ``a = exp(l0 - L)``,
+    ``b_j = exp(s_j - L)``, ``L = logsumexp(l0, s_j)``. Backward: the union softmax's score gradient of a
+    document key is ``a p0 (dout . v - dout . out)``, which is what the kernel's backward computes when given
+    ``a * dout`` as the output gradient and ``out`` (the merged output) for its ``rowsum(dout * out)`` term."""
+
+    @staticmethod
+    def forward(ctx, segments, scale, exists, q, k0, v0, *diag):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        b, nh, n, d = q.shape
+        nkv = k0.shape[1]
+        out0 = q.new_zeros(b, nh, n, d)
+        lse0 = q.new_full((b, nh, n), float("-inf"))
+        for r, runs in enumerate(segments):
+            for lo, hi in runs:
+                o, lse = flash(q[r:r + 1, :, lo:hi], k0[r:r + 1, :, lo:hi], v0[r:r + 1, :, lo:hi], is_causal=True,
+                               scale=scale)  # fmt: skip
+                out0[r, :, lo:hi], lse0[r, :, lo:hi] = o[0], lse[0]
+        ctx.segments, ctx.scale, ctx.n_diag = segments, scale, len(diag) // 2
+        if not diag:
+            ctx.save_for_backward(q, k0, v0, out0, lse0)
+            return out0
+        qg = q.view(b, nkv, nh // nkv, n, d)
+        ks, vs = torch.stack(diag[0::2]), torch.stack(diag[1::2])  # [m, B, nkv, N, d]
+        s = (qg[None] * ks[:, :, :, None]).sum(-1) * scale  # [m, B, nkv, g, N]
+        s = s.masked_fill(~exists[:, :, None, None], float("-inf"))
+        both = torch.cat([lse0.view(b, nkv, nh // nkv, n)[None], s])
+        total = torch.logsumexp(both, 0)
+        weights = torch.exp(both - torch.where(total.isfinite(), total, 0))  # a query with no key: all zero
+        out = (weights[0, ..., None] * out0.view(qg.shape) + (weights[1:, ..., None] * vs[:, :, :, None]).sum(0))
+        out = out.view(b, nh, n, d)
+        ctx.save_for_backward(q, k0, v0, out, lse0, weights, ks, vs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        q, k0, v0, out, lse0, *rest = ctx.saved_tensors
+        b, nh, n, d = q.shape
+        nkv = k0.shape[1]
+        dout = dout.contiguous()
+        dq, dk0, dv0 = torch.zeros_like(q), torch.zeros_like(k0), torch.zeros_like(v0)
+        grads_diag: list[torch.Tensor] = []
+        grad0 = dout
+        if rest:
+            weights, ks, vs = rest
+            shape = (b, nkv, nh // nkv, n, d)
+            dg, qg = dout.view(shape), q.view(shape)
+            dot_out = (dg * out.view(shape)).sum(-1)  # [B, nkv, g, N]
+            ds = weights[1:] * ((dg[None] * vs[:, :, :, None]).sum(-1) - dot_out) * ctx.scale  # [m, B, nkv, g, N]
+            dq = (ds[..., None] * ks[:, :, :, None]).sum(0).reshape(q.shape)
+            dks = (ds[..., None] * qg[None]).sum(3)
+            dvs = (weights[1:, ..., None] * dg[None]).sum(3)
+            grads_diag = [g for j in range(ctx.n_diag) for g in (dks[j], dvs[j])]
+            grad0 = (weights[0, ..., None] * dg).reshape(q.shape)
+        for r, runs in enumerate(ctx.segments):
+            for lo, hi in runs:
+                sl = (slice(r, r + 1), slice(None), slice(lo, hi))
+                g_q, g_k, g_v = flash_bwd(grad0[sl], q[sl], k0[sl], v0[sl], out[sl], lse0[sl], 0.0, True,
+                                          scale=ctx.scale)  # fmt: skip
+                dq[sl] += g_q
+                dk0[sl] += g_k
+                dv0[sl] += g_v
+        return (None, None, None, dq, dk0, dv0, *grads_diag)
 
 
 _FLEX: dict = {}
