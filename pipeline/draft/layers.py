@@ -468,13 +468,21 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend_to: AttendTo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """Returns (output ``[B, N, H]``, new rotated keys, new values ``[B, n_kv, N, d]``)."""
+        q, k, v = self.project(x, cos, sin)
+        return self.o_proj(self.merge_heads(attend(q, attend_to(k, v)))), k, v
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rotated queries ``[B, heads, N, d]``, rotated keys and values ``[B, n_kv, N, d]`` of ``x``."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, attend_to(k, v))
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), k, v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    @staticmethod
+    def merge_heads(out: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = out.shape
+        return out.transpose(1, 2).reshape(b, n, -1)
 
 
 class MLP(nn.Module):
@@ -522,18 +530,40 @@ class DecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend_to: AttendTo,
                 embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """Returns (layer output ``[B, N, H]``, new keys, new values)."""
-        residual = hidden
+        if self.eagle3 and embeds is None:
+            raise ValueError("an EAGLE-3 layer needs the token embeddings")
+        q, k, v = self.before_attention(hidden, cos, sin, embeds)
+        return self.after_attention(hidden, attend(q, attend_to(k, v))), k, v
+
+    # The two attention-free halves of the layer: what `compile_blocks` hands to torch.compile (attention stays
+    # eager: its document runs change from batch to batch).
+    def before_attention(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         embeds: torch.Tensor | None = None):  # fmt: skip
         if self.eagle3:
-            if embeds is None:
-                raise ValueError("an EAGLE-3 layer needs the token embeddings")
             x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
         elif self.input_layernorm is not None:
             x = self.input_layernorm(hidden)
         else:
             x = hidden
-        a, k, v = self.self_attn(x, cos, sin, attend_to)
-        h = residual + a
-        return h + self.mlp(self.post_attention_layernorm(h)), k, v
+        return self.self_attn.project(x, cos, sin)
+
+    def after_attention(self, residual: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = residual + self.self_attn.o_proj(self.self_attn.merge_heads(attn))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def compile_blocks(self, **options) -> None:
+        """Run :meth:`before_attention` / :meth:`after_attention` through ``torch.compile(**options)`` (fused
+        norms, rope, SwiGLU and residuals); the module's parameters and names are unchanged."""
+        self.before_attention = torch.compile(self.before_attention, **options)
+        self.after_attention = torch.compile(self.after_attention, **options)
+
+
+def compile_layers(model: nn.Module, **options) -> nn.Module:
+    """``compile_blocks`` on every decoder layer of ``model`` (training's ``--compile``); returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, DecoderLayer):
+            m.compile_blocks(**options)
+    return model
 
 
 class KVCache:
