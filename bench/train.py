@@ -6,11 +6,14 @@
     reference trainer does), and the wall time of 1 extraction + 4 training runs vs 4 online runs;
 (d) EAGLE-3: bytes/token with top-k targets vs keeping the last hidden state for exact targets, and the held-out
     simulated τ of a run with each target on the same data and budget;
-(e) where a training step's time goes: FLOPs per step and per counted (loss-carrying) token by torch's own
-    counter, the achieved FLOP/s beside an fp32 matmul ceiling measured in this run, and the step's time by kind
-    of operator (torch.profiler).
+(e) where a training step's time goes, today's step (dense attention, lm_head + log_softmax through autograd) vs
+    the new one (flash attention per document, fused head) vs the new one with --compile, interleaved step by step
+    on the same batches: FLOPs per step by torch's own counter, the achieved FLOP/s beside an fp32 matmul ceiling
+    measured in this run on the same thread count, forward / backward / optimizer time, the time by kind of
+    operator (torch.profiler), and whether the paths' losses agree;
+(f) the held-out simulated τ of today's and the new step after the same CPU-seconds of training.
 
-    python bench/train.py [--feats DIR] [--steps 8] [--variants eagle1,eagle3]
+    OMP_NUM_THREADS=1 python bench/train.py [--feats DIR] [--steps 8] [--variants eagle1,eagle3] [--sections e,f]
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.draft.layers import compile_layers  # noqa: E402
 from pipeline.store import StoreReader, inspect_store  # noqa: E402
 from pipeline.train import variants  # noqa: E402
 from pipeline.train.engine import Engine, setup_distributed  # noqa: E402
@@ -138,8 +142,9 @@ OP_KINDS = {  # torch.profiler op names -> what they are (self time; composite o
 
 # The step as it was before issue 23 ("today") and as it is now; every difference is a flag, so both run here.
 PATHS = {
-    "today": {"attention": "dense", "fused_head": False},
-    "new": {"attention": "auto", "fused_head": True},
+    "today": {"attention": "dense", "fused_head": False, "compile": False},
+    "new": {"attention": "auto", "fused_head": True, "compile": False},
+    "new + compile": {"attention": "auto", "fused_head": True, "compile": True},
 }
 
 
@@ -171,6 +176,8 @@ class PathRun:
         torch.manual_seed(0)
         model, self.objective, _ = variants.build(cfg, reader)
         self.objective.fused_head = self.flags["fused_head"]
+        if self.flags["compile"]:
+            compile_layers(model)
         self.engine = Engine(model, cfg.engine_config(total_steps), device)
 
     def _env(self):
@@ -232,8 +239,10 @@ def compare_paths(cfg: TrainConfig, reader: StoreReader, steps: int, device) -> 
     batches = [collate(reader, p, fields, cfg.tokens_per_batch) for p in packs]
     runs = {name: PathRun(name, cfg, reader, device, 3 * steps + 4) for name in PATHS}
     out = {name: {"flops": r.flops(batches[0]), "times": [], "losses": []} for name, r in runs.items()}
-    for r in runs.values():
-        r.step(batches[0], 0)  # warm-up (first-call allocations, lazy DeepSpeed state)
+    for name, r in runs.items():
+        t = time.perf_counter()
+        r.step(batches[0], 0)  # warm-up (first-call allocations, lazy DeepSpeed state, compilation)
+        out[name]["first_step_wall_s"] = time.perf_counter() - t
     for i, b in enumerate(batches):
         for name, r in runs.items():
             t = r.step(b, i + 1)
@@ -262,9 +271,9 @@ def tau_after_budget(cfg: TrainConfig, reader: StoreReader, seconds: float, devi
     train_idx, val_idx = split_samples(reader, cfg.val_fraction, cfg.seed)
     loader = PackedLoader(reader, train_idx, fields, cfg.tokens_per_batch, seed=cfg.seed)
     val = _val_batches(reader, val_idx, fields, cfg, 0, 1)
-    runs = {name: PathRun(name, cfg, reader, device, cfg.max_steps or 1000) for name in PATHS}
-    spent = {name: 0.0 for name in PATHS}
-    done = {name: 0 for name in PATHS}
+    runs = {name: PathRun(name, cfg, reader, device, cfg.max_steps or 1000) for name in ("today", "new")}
+    spent = {name: 0.0 for name in runs}
+    done = {name: 0 for name in runs}
     cache: list[dict] = []
     epoch = 0
     while any(s < seconds for s in spent.values()):
@@ -362,11 +371,15 @@ def main() -> None:
                 kinds = " / ".join(f"{v:.0%}".rstrip("%") for v in o["kinds"].values()) + " %"
                 print(f"    | {name} | {path} | {o['flops'] / 1e9:.1f} | {o['step_s']:.2f} | {ph} | "
                       f"{o['tokens_per_s']:.0f} | {o['gflops']:.1f} | {o['gflops'] / ceiling:.2f} | {kinds} |")
-            t, n = r["today"], r["new"]
+            t, n, c = r["today"], r["new"], r["new + compile"]
             diffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(t["losses"], n["losses"], strict=True)]
+            cdiffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(n["losses"], c["losses"], strict=True)]
             print(f"      {name}: new/today tokens/s {n['tokens_per_s'] / t['tokens_per_s']:.2f}x; today's FLOPs per "
                   f"new step: {t['flops'] / n['step_s'] / 1e9:.1f} GFLOP/s ({t['flops'] / n['step_s'] / 1e9 / ceiling:.2f} "
-                  f"of the ceiling); losses of the {len(diffs)} steps agree to {max(diffs):.1e} (relative)")  # fmt: skip
+                  f"of the ceiling); losses of the {len(diffs)} steps agree to {max(diffs):.1e} (relative); "
+                  f"compile: {c['step_s'] / n['step_s']:.3f}x the new step's time after a first step of "
+                  f"{c['first_step_wall_s']:.0f} s wall (new: {n['first_step_wall_s']:.0f} s), losses agree to "
+                  f"{max(cdiffs):.1e}")  # fmt: skip
 
     if "f" in sections:
         print(f"\n(f) held-out simulated τ after {args.tau_seconds:.0f} CPU-seconds of steps per path (same seed, data "
