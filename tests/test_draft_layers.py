@@ -249,3 +249,40 @@ def test_unknown_attention_impl_is_named(monkeypatch):
     q, _, blocks = ttt_attention_inputs(packed_doc_ids(), 1)
     with pytest.raises(ValueError, match="PIPELINE_ATTENTION"):
         attend(q, blocks)
+
+
+# ---- the draft heads' lm_head + soft cross-entropy, fused in row chunks
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("trained_head", [True, False])
+def test_fused_head_soft_ce_equals_autograd(monkeypatch, sparse, trained_head):
+    import pipeline.draft.common as common
+
+    monkeypatch.setattr(common, "HEAD_CHUNK_BYTES", 4 * 50 * 7)  # 7 rows per chunk: 5 chunks, the last short
+    g = torch.Generator().manual_seed(0)
+    n, h, v, k = 31, 16, 50, 4
+    x0 = torch.randn(n, h, generator=g)
+    head = torch.nn.Linear(h, v, bias=False).requires_grad_(trained_head)
+    ids = torch.randint(0, v, (n, k), generator=g)
+    ids[::5, 1] = -1  # dropped targets
+    p = torch.softmax(torch.randn(n, k if sparse else v, generator=g), -1)
+    row_weight = (torch.rand(n, generator=g) > 0.3).float()
+    results = []
+    for fused in (False, True):
+        head.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        loss, arg = common.head_soft_ce(x, head, row_weight, ids if sparse else None, p, fused=fused)
+        (3 * loss).backward()
+        results.append((loss.detach(), arg, x.grad, head.weight.grad))
+    (l0, a0, gx0, gw0), (l1, a1, gx1, gw1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    assert torch.equal(a1, a0)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-7)
+    if trained_head:
+        torch.testing.assert_close(gw1, gw0, rtol=1e-5, atol=1e-7)
+    else:
+        assert gw0 is None and gw1 is None
+    with torch.no_grad():  # metrics only: no gradient work, same value
+        loss, _ = common.head_soft_ce(x0, head, row_weight, ids if sparse else None, p)
+    torch.testing.assert_close(loss, l0, rtol=1e-6, atol=1e-6)
