@@ -282,8 +282,8 @@ def tau_after_budget(cfg: TrainConfig, reader: StoreReader, seconds: float, devi
     cache: list[dict] = []
     epoch = 0
     while any(s < seconds for s in spent.values()):
-        i = min(done.values())
-        while len(cache) <= max(done.values()):
+        i = min(done[name] for name in runs if spent[name] < seconds)
+        while len(cache) <= i:
             cache += [collate(reader, p, fields, cfg.tokens_per_batch) for p in loader.epoch_packs(epoch)]
             epoch += 1
         for name, r in runs.items():
