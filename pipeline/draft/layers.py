@@ -6,8 +6,9 @@ Written for clarity and exact control over attention (nanoGPT / gpt-fast style),
   mask, so one primitive serves a KV cache (inference), block-diagonal causal packing (training) and the TTT
   "diagonal" keys of EAGLE-3 (a key that only the query at the same row may see);
 * training masks stay lazy (:class:`DocCausal`: the document ids, not a ``[T, T]`` tensor), and :func:`attend`
-  then works through query chunks, each recomputed in backward, so memory grows linearly with T (the CPU keeps
-  one dense chunk while it fits 4 GiB: faster there; see :func:`attention_impl`);
+  then runs torch's flash kernel once per document on the CPU (TTT diagonals merged through its log-sum-exp), or
+  works through query chunks, each recomputed in backward, so memory grows linearly with T (see
+  :func:`attention_impl`);
 * rotary embeddings are built from the *target's* HF config dict through transformers' own rope init functions,
   so every rope type/scaling the target uses (default, linear, dynamic, yarn, longrope, llama3, ...) is matched;
 * module/parameter names are the ones the serving loaders expect (``self_attn.q_proj`` ..., ``mlp.gate_proj`` ...,
@@ -217,8 +218,9 @@ def attention_impl(q: torch.Tensor, blocks: Sequence[KVBlock]) -> str:
     """The path :func:`attend` takes (``PIPELINE_ATTENTION`` = auto|dense|chunked|flex overrides ``auto``).
 
     Cache masks (inference) always go ``dense``. Training blocks (a lazy :class:`DocCausal` block, then TTT
-    diagonals) under ``auto``: ``chunked`` — query chunks whose scores fit ``CHUNK_SCORE_BYTES``, one chunk when
-    all fit — except on the CPU while all scores fit ``CPU_DENSE_SCORE_BYTES``, where ``dense`` is faster.
+    diagonals) under ``auto``: ``flash`` on the CPU when every document is one run of rows (packed rows are);
+    otherwise ``chunked`` — query chunks whose scores fit ``CHUNK_SCORE_BYTES``, one chunk when all fit — except
+    on the CPU while all scores fit ``CPU_DENSE_SCORE_BYTES``, where ``dense`` is faster.
     ``flex`` (opt-in, CUDA): one FlexAttention call over step-0 keys and TTT diagonals with a block mask.
     """
     impl = os.environ.get("PIPELINE_ATTENTION", "auto")
