@@ -6,11 +6,14 @@
     reference trainer does), and the wall time of 1 extraction + 4 training runs vs 4 online runs;
 (d) EAGLE-3: bytes/token with top-k targets vs keeping the last hidden state for exact targets, and the held-out
     simulated τ of a run with each target on the same data and budget;
-(e) where a training step's time goes: FLOPs per step and per counted (loss-carrying) token by torch's own
-    counter, the achieved FLOP/s beside an fp32 matmul ceiling measured in this run, and the step's time by kind
-    of operator (torch.profiler).
+(e) where a training step's time goes, today's step (dense attention, lm_head + log_softmax through autograd) vs
+    the new one (flash attention per document, fused head) vs the new one with --compile, interleaved step by step
+    on the same batches: FLOPs per step by torch's own counter, the achieved FLOP/s beside an fp32 matmul ceiling
+    measured in this run on the same thread count, forward / backward / optimizer time, the time by kind of
+    operator (torch.profiler), and whether the paths' losses agree;
+(f) the held-out simulated τ of today's and the new step after the same CPU-seconds of training.
 
-    python bench/train.py [--feats DIR] [--steps 8] [--variants eagle1,eagle3]
+    OMP_NUM_THREADS=1 python bench/train.py [--feats DIR] [--steps 8] [--variants eagle1,eagle3] [--sections e,f]
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.draft.layers import compile_layers  # noqa: E402
 from pipeline.store import StoreReader, inspect_store  # noqa: E402
 from pipeline.train import variants  # noqa: E402
 from pipeline.train.engine import Engine, setup_distributed  # noqa: E402
 from pipeline.train.loader import PackedLoader, Prefetcher, collate  # noqa: E402
-from pipeline.train.trainer import TrainConfig, train  # noqa: E402
+from pipeline.train.trainer import TrainConfig, _evaluate, train  # noqa: E402
 
 
 def build_store(out: Path, limit: int, max_length: int) -> Path:
@@ -124,61 +128,182 @@ def step_rates(cfg: TrainConfig, reader: StoreReader, steps: int, device) -> dic
 
 OP_KINDS = {  # torch.profiler op names -> what they are (self time; composite ops like aten::linear excluded)
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::dot", "aten::mv"),
-    "softmax / mask": ("aten::_softmax", "aten::_log_softmax", "aten::_softmax_backward_data",
+    "fused attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",),
+    "softmax+mask": ("aten::_softmax", "aten::_log_softmax", "aten::_softmax_backward_data",
                        "aten::_log_softmax_backward_data", "aten::masked_fill", "aten::masked_fill_", "aten::where",
-                       "aten::logical_and", "aten::eq", "aten::le", "aten::ge", "aten::tril"),
+                       "aten::logical_and", "aten::eq", "aten::le", "aten::ge", "aten::tril", "aten::logsumexp",
+                       "aten::exp", "aten::argmax"),
     "optimizer": ("aten::_foreach", "Optimizer", "aten::_fused_adam", "aten::addcdiv_", "aten::lerp_"),
-    "copies / layout": ("aten::copy_", "aten::cat", "aten::index", "aten::index_put_", "aten::gather",
+    "copies+layout": ("aten::copy_", "aten::cat", "aten::index", "aten::index_put_", "aten::gather",
                         "aten::scatter_add_", "aten::clone", "aten::contiguous", "aten::_to_copy", "aten::fill_",
-                        "aten::zero_", "aten::index_select", "aten::embedding", "aten::_index_put_impl_"),
+                        "aten::zero_", "aten::index_select", "aten::embedding", "aten::_index_put_impl_",
+                        "aten::scatter", "aten::stack"),
 }  # fmt: skip
+
+# The step as it was before issue 23 ("today") and as it is now; every difference is a flag, so both run here.
+PATHS = {
+    "today": {"attention": "dense", "fused_head": False, "compile": False},
+    "new": {"attention": "auto", "fused_head": True, "compile": False},
+    "new + compile": {"attention": "auto", "fused_head": True, "compile": True},
+}
 
 
 def matmul_ceiling(m: int = 2048, k: int = 576, n: int = 1536, reps: int = 20) -> float:
-    """fp32 GFLOP/s of torch.mm at a draft-layer shape on this machine now (best of ``reps``)."""
+    """fp32 GFLOP/s of torch.mm at a draft-layer shape on this machine now, in this process's thread count (best
+    of ``reps``, CPU time of this thread when torch runs on one thread: other processes' share of the cores does
+    not count, as it does not count in the steps')."""
     a, b = torch.randn(m, k), torch.randn(k, n)
     a @ b
     best = float("inf")
     for _ in range(reps):
-        t = time.perf_counter()
+        t = step_clock()
         a @ b
-        best = min(best, time.perf_counter() - t)
+        best = min(best, step_clock() - t)
     return 2 * m * k * n / best / 1e9
 
 
-def flop_profile(cfg: TrainConfig, reader: StoreReader, steps: int, device) -> dict:
-    """FLOPs of one step (torch's FlopCounterMode over loss + backward), the timed steps' GFLOP/s, and the share of
-    step time per operator kind (torch.profiler self CPU time)."""
-    from torch.profiler import ProfilerActivity, profile
-    from torch.utils.flop_counter import FlopCounterMode
+def step_clock() -> float:
+    """Seconds of this thread's CPU time when torch computes on one thread (the machine's other processes do not
+    slow it down, only the shared caches do), else wall time."""
+    return time.thread_time() if torch.get_num_threads() == 1 else time.perf_counter()
 
-    torch.manual_seed(0)
-    model, objective, _ = variants.build(cfg, reader)
-    engine = Engine(model, cfg.engine_config(steps * 3), device)
+
+class PathRun:
+    """One training path (``PATHS``) with its own engine, from the same seed and weights as the others."""
+
+    def __init__(self, name: str, cfg: TrainConfig, reader: StoreReader, device, total_steps: int):
+        self.name, self.cfg, self.flags = name, cfg, PATHS[name]
+        torch.manual_seed(0)
+        model, self.objective, _ = variants.build(cfg, reader)
+        self.objective.fused_head = self.flags["fused_head"]
+        if self.flags["compile"]:
+            compile_layers(model)
+        self.engine = Engine(model, cfg.engine_config(total_steps), device)
+
+    def _env(self):
+        os.environ["PIPELINE_ATTENTION"] = self.flags["attention"]
+
+    def step(self, batch: dict, seed: int) -> dict[str, float]:
+        """One optimizer step; seconds of its forward (loss), backward and optimizer (DeepSpeed ``step``)."""
+        self._env()
+        self.engine.module.train()
+        batch = self.engine.to_device(batch)
+        torch.manual_seed(seed)
+        t0 = step_clock()
+        loss, metrics = variants.loss(self.cfg, self.engine.module, batch, self.objective)
+        t1 = step_clock()
+        self.engine.engine.backward(loss)
+        t2 = step_clock()
+        self.engine.engine.step()
+        t3 = step_clock()
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "loss": metrics["loss"]}
+
+    def flops(self, batch: dict) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self._env()
+        batch = self.engine.to_device(batch)
+        with FlopCounterMode(display=False) as counter:
+            loss, _ = variants.loss(self.cfg, self.engine.module, batch, self.objective)
+            loss.backward()
+        self.engine.module.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
+    def kinds(self, batches: list[dict]) -> dict[str, float]:
+        """Share of the steps' operator self time per kind (torch.profiler)."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i, b in enumerate(batches):
+                self.step(b, i)
+        kinds: dict[str, float] = {k: 0.0 for k in OP_KINDS}
+        kinds["other"] = 0.0
+        for e in prof.key_averages():
+            kind = next((k for k, names in OP_KINDS.items() if any(e.key.startswith(n) for n in names)), "other")
+            kinds[kind] += e.self_cpu_time_total
+        total = sum(kinds.values()) or 1.0
+        return {k: v / total for k, v in kinds.items()}
+
+    def evaluate(self, batches: list[dict]) -> float:
+        self._env()
+        return _evaluate(self.cfg, self.engine, batches, self.objective)["tau"]
+
+
+def compare_paths(cfg: TrainConfig, reader: StoreReader, steps: int, device) -> dict:
+    """Today's and the new step on the same batches, interleaved step by step (a disturbance hits both): per path
+    the FLOPs of one step (torch's counter over loss + backward), CPU s/step (median) split into forward /
+    backward / optimizer, the share of time per operator kind, and the first steps' losses."""
     fields = variants.required_fields(cfg)
     loader = PackedLoader(reader, np.arange(len(reader)), fields, cfg.tokens_per_batch, seed=0)
-    batches = [engine.to_device(collate(reader, p, fields, cfg.tokens_per_batch)) for p in loader.epoch_packs(0)[:steps]]
-    with FlopCounterMode(display=False) as counter:
-        loss, metrics = variants.loss(cfg, engine.module, batches[0], objective)
-        loss.backward()
-    engine.module.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops()
-    tokens = int((batches[0]["doc_ids"] >= 0).sum())
-    for b in batches[:1]:  # warm-up
-        engine.backward_step(variants.loss(cfg, engine.module, b, objective)[0])
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    packs = loader.epoch_packs(0)[:steps]
+    batches = [collate(reader, p, fields, cfg.tokens_per_batch) for p in packs]
+    runs = {name: PathRun(name, cfg, reader, device, 3 * steps + 4) for name in PATHS}
+    # torch's FLOP counter sees eager operators only (and under it torch.compile would leave the blocks eager for
+    # good): the compiled path computes the new path's FLOPs
+    out = {name: {"flops": r.flops(batches[0]) if not r.flags["compile"] else None, "times": [], "losses": []}
+           for name, r in runs.items()}  # fmt: skip
+    for o in out.values():
+        o["flops"] = o["flops"] or out["new"]["flops"]
+    for name, r in runs.items():
         t = time.perf_counter()
-        for b in batches:
-            engine.backward_step(variants.loss(cfg, engine.module, b, objective)[0])
-        step_s = (time.perf_counter() - t) / len(batches)
-    kinds: dict[str, float] = {k: 0.0 for k in OP_KINDS}
-    kinds["other"] = 0.0
-    for e in prof.key_averages():
-        kind = next((k for k, names in OP_KINDS.items() if any(e.key.startswith(n) for n in names)), "other")
-        kinds[kind] += e.self_cpu_time_total
-    total = sum(kinds.values()) or 1.0
-    return {"flops": flops, "tokens": tokens, "counted": metrics["tokens"], "step_s": step_s,
-            "gflops": flops / step_s / 1e9, "shares": {k: v / total for k, v in kinds.items()}}  # fmt: skip
+        r.step(batches[0], 0)  # warm-up (first-call allocations, lazy DeepSpeed state, compilation)
+        out[name]["first_step_wall_s"] = time.perf_counter() - t
+    for i, b in enumerate(batches):
+        for name, r in runs.items():
+            t = r.step(b, i + 1)
+            out[name]["times"].append(t)
+            out[name]["losses"].append(t["loss"])
+    tokens = sum(int((b["doc_ids"] >= 0).sum()) for b in batches) / len(batches)
+    for name, r in runs.items():
+        o = out[name]
+        o["step_s"] = float(np.median([sum(v for k, v in t.items() if k != "loss") for t in o["times"]]))
+        o["phases"] = {k: float(np.median([t[k] for t in o["times"]])) for k in ("forward", "backward", "optimizer")}
+        o["tokens_per_s"] = tokens / o["step_s"]
+        o["gflops"] = o["flops"] / o["step_s"] / 1e9
+        o["kinds"] = r.kinds(batches[:2])
+    out["tokens"] = tokens
+    return out
+
+
+def tau_after_budget(cfg: TrainConfig, reader: StoreReader, seconds: float, device) -> dict[str, dict]:
+    """Held-out simulated τ of each path after ``seconds`` of step time (CPU time on one thread), from the same
+    seed, data order and learning-rate schedule; the paths take turns one step at a time until each has spent the
+    budget."""
+    from pipeline.train.loader import split_samples
+    from pipeline.train.trainer import _val_batches
+
+    fields = variants.required_fields(cfg)
+    train_idx, val_idx = split_samples(reader, cfg.val_fraction, cfg.seed)
+    loader = PackedLoader(reader, train_idx, fields, cfg.tokens_per_batch, seed=cfg.seed)
+    val = _val_batches(reader, val_idx, fields, cfg, 0, 1)
+    runs = {name: PathRun(name, cfg, reader, device, cfg.max_steps or 1000) for name in ("today", "new")}
+    spent = {name: 0.0 for name in runs}
+    done = {name: 0 for name in runs}
+    cache: list[dict] = []
+    epoch = 0
+    while any(s < seconds for s in spent.values()):
+        i = min(done[name] for name in runs if spent[name] < seconds)
+        while len(cache) <= i:
+            cache += [collate(reader, p, fields, cfg.tokens_per_batch) for p in loader.epoch_packs(epoch)]
+            epoch += 1
+        for name, r in runs.items():
+            if spent[name] < seconds and done[name] == i:
+                t = r.step(cache[i], i)
+                spent[name] += t["forward"] + t["backward"] + t["optimizer"]
+                done[name] += 1
+    return {name: {"steps": done[name], "tokens": sum(int((b["doc_ids"] >= 0).sum()) for b in cache[:done[name]]),
+                   "tau": r.evaluate(val)} for name, r in runs.items()}  # fmt: skip
+
+
+def e_shapes(args) -> list[tuple[str, int, int]]:
+    """(variant, TTT steps, draft vocabulary) of sections (e) and (f)."""
+    out = []
+    for v in args.variants.split(","):
+        if v == "eagle1":
+            out.append(("eagle1", 1, 8192))
+        else:
+            out += [(v, int(t), int(n)) for t, n in (x.split("x") for x in args.e3_shapes.split(","))]
+    return out
 
 
 def main() -> None:
@@ -190,7 +315,10 @@ def main() -> None:
     ap.add_argument("--tokens-per-batch", type=int, default=1024)
     ap.add_argument("--variants", default="eagle1,eagle3")
     ap.add_argument("--tau-steps", type=int, default=40, help="steps of each run in (d)")
-    ap.add_argument("--sections", default="a,b,c,d,e", help="which sections to run")
+    ap.add_argument("--sections", default="a,b,c,d,e,f", help="which sections to run")
+    ap.add_argument("--e3-shapes", default="1x4096,3x8192",
+                    help="EAGLE-3 shapes of (e)/(f) as TTTxVOCAB (the demo's first; the previous table's second)")
+    ap.add_argument("--tau-seconds", type=float, default=60.0, help="CPU-seconds of steps per path in (f)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     feats = args.feats or build_store(work / "feats", args.limit, args.max_length)
@@ -225,18 +353,49 @@ def main() -> None:
               f"(online/offline {online / offline:.2f})")
 
     if "e" in sections:
+        threads = torch.get_num_threads()
         ceiling = matmul_ceiling()
-        print(f"\n(e) where a step goes ({args.steps} steps of {args.tokens_per_batch} packed tokens; fp32 matmul "
-              f"ceiling measured now: {ceiling:.1f} GFLOP/s)")  # fmt: skip
-        for variant in args.variants.split(","):
+        results = []
+        for variant, ttt, vocab in e_shapes(args):
             cfg = TrainConfig(feats=str(feats), out="", variant=variant, tokens_per_batch=args.tokens_per_batch,
-                              draft_vocab_size=8192, ttt_steps=3)  # fmt: skip
-            r = flop_profile(cfg, reader, args.steps, device)
-            shares = ", ".join(f"{k} {v:.0%}" for k, v in r["shares"].items())
-            print(f"    {variant}: {r['flops'] / 1e9:.1f} GFLOP/step = {r['flops'] / r['tokens'] / 1e6:.0f} MFLOP/token, "
-                  f"{r['flops'] / max(r['counted'], 1) / 1e6:.0f} MFLOP per counted token ({r['counted']:.0f} of "
-                  f"{r['tokens']}); {r['step_s']:.2f} s/step = {r['gflops']:.1f} GFLOP/s "
-                  f"({r['gflops'] / ceiling:.2f} of the ceiling)\n      time by kind: {shares}")  # fmt: skip
+                              draft_vocab_size=vocab, ttt_steps=ttt)  # fmt: skip
+            results.append((variant, ttt, vocab, compare_paths(cfg, reader, args.steps, device)))
+        ceiling = max(ceiling, matmul_ceiling())  # measured before and after: the better of the two
+        print(f"\n(e) where a step goes: {args.steps} steps of {args.tokens_per_batch} packed tokens per path, today's "
+              f"and the new path interleaved step by step on {threads} thread(s); times are this thread's CPU "
+              f"seconds{'' if threads == 1 else ' (wall: more than one thread)'}; fp32 matmul ceiling measured in "
+              f"this run on {threads} thread(s): {ceiling:.1f} GFLOP/s")  # fmt: skip
+        print("    | head | path | GFLOP/step | s/step | forward / backward / optimizer s | tokens/s | GFLOP/s | "
+              f"share of ceiling | time in {' / '.join([*OP_KINDS, 'other'])} |")
+        print("    | --- | --- | ---: | ---: | --- | ---: | ---: | ---: | --- |")
+        for variant, ttt, vocab, r in results:
+            name = "EAGLE-1" if variant == "eagle1" else f"EAGLE-3 (TTT {ttt}, vocab {vocab:,})"
+            for path in PATHS:
+                o = r[path]
+                ph = " / ".join(f"{o['phases'][k]:.2f}" for k in ("forward", "backward", "optimizer"))
+                kinds = " / ".join(f"{v:.0%}".rstrip("%") for v in o["kinds"].values()) + " %"
+                print(f"    | {name} | {path} | {o['flops'] / 1e9:.1f} | {o['step_s']:.2f} | {ph} | "
+                      f"{o['tokens_per_s']:.0f} | {o['gflops']:.1f} | {o['gflops'] / ceiling:.2f} | {kinds} |")
+            t, n, c = r["today"], r["new"], r["new + compile"]
+            diffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(t["losses"], n["losses"], strict=True)]
+            cdiffs = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(n["losses"], c["losses"], strict=True)]
+            print(f"      {name}: new/today tokens/s {n['tokens_per_s'] / t['tokens_per_s']:.2f}x; today's FLOPs per "
+                  f"new step: {t['flops'] / n['step_s'] / 1e9:.1f} GFLOP/s ({t['flops'] / n['step_s'] / 1e9 / ceiling:.2f} "
+                  f"of the ceiling); losses of the {len(diffs)} steps agree to {max(diffs):.1e} (relative); "
+                  f"compile: {c['step_s'] / n['step_s']:.3f}x the new step's time after a first step of "
+                  f"{c['first_step_wall_s']:.0f} s wall (new: {n['first_step_wall_s']:.0f} s), losses agree to "
+                  f"{max(cdiffs):.1e}")  # fmt: skip
+
+    if "f" in sections:
+        print(f"\n(f) held-out simulated τ after {args.tau_seconds:.0f} CPU-seconds of steps per path (same seed, data "
+              f"and schedule; val 20% of the store)\n    | head | path | steps | training tokens | held-out τ |\n"
+              "    | --- | --- | ---: | ---: | ---: |")  # fmt: skip
+        for variant, ttt, vocab in e_shapes(args)[:2]:
+            cfg = TrainConfig(feats=str(feats), out="", variant=variant, tokens_per_batch=args.tokens_per_batch,
+                              draft_vocab_size=vocab, ttt_steps=ttt, lr=2e-3, val_fraction=0.2, max_steps=200)  # fmt: skip
+            name = "EAGLE-1" if variant == "eagle1" else f"EAGLE-3 (TTT {ttt}, vocab {vocab:,})"
+            for path, o in tau_after_budget(cfg, reader, args.tau_seconds, device).items():
+                print(f"    | {name} | {path} | {o['steps']} | {o['tokens']:,} | {o['tau']:.3f} |")
 
     if "eagle3" in args.variants and "d" in sections:
         bpt = info["bytes_per_token"]

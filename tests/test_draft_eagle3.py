@@ -320,8 +320,9 @@ def test_overfits_and_chain_acceptance(target, packed):
 @pytest.mark.parametrize("variant", ["eagle1", "eagle3"])
 def test_activation_checkpointing_and_chunked_attention_give_the_same_gradients(target, packed, variant,
                                                                                 monkeypatch):  # fmt: skip
-    """Activation checkpointing, and attention cut into 16-row query chunks (each recomputed in backward, as long
-    rows are on a GPU), change no loss and no gradient."""
+    """Against the plain path (dense attention, the head's softmax through autograd): the default (flash attention
+    per document on the CPU, fused head), activation checkpointing, and attention cut into 16-row query chunks
+    (each recomputed in backward, as long rows are on a GPU) change no loss and no gradient."""
     import pipeline.draft.layers as layers
     from pipeline.draft import eagle1
 
@@ -338,9 +339,12 @@ def test_activation_checkpointing_and_chunked_attention_give_the_same_gradients(
         loss_fn, obj = training_loss, Eagle3Objective(ttt_steps=3)
     grads, losses = [], []
     heads, width = tc["num_attention_heads"], packed["input_ids"].shape[1]
-    for checkpointing, chunk_rows in ((False, None), (True, None), (False, 16), (True, 16)):
+    paths = [(False, "dense", None, False), (False, "auto", None, True), (True, "auto", None, True),
+             (False, "chunked", 16, True), (True, "chunked", 16, True)]  # fmt: skip
+    for checkpointing, attention, chunk_rows, fused_head in paths:
+        monkeypatch.setenv("PIPELINE_ATTENTION", attention)
+        obj.fused_head = fused_head
         if chunk_rows:  # bytes for 16 query rows of the widest step (step-0 keys + 2 diagonals)
-            monkeypatch.setenv("PIPELINE_ATTENTION", "chunked")
             monkeypatch.setattr(layers, "CHUNK_SCORE_BYTES", 3 * 4 * 2 * heads * chunk_rows * (width + 2))
         model.zero_grad()
         model.gradient_checkpointing = checkpointing

@@ -207,15 +207,41 @@ def test_flex_attention_forward_equals_dense(monkeypatch):
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
-def test_auto_attention_is_dense_on_the_cpu_until_the_scores_grow(monkeypatch):
+def test_auto_attention_on_the_cpu_is_flash_per_document_else_dense_until_the_scores_grow(monkeypatch):
     import pipeline.draft.layers as layers
 
     monkeypatch.delenv("PIPELINE_ATTENTION", raising=False)
     q, _, blocks = ttt_attention_inputs(packed_doc_ids(), 3, grad=False)
-    assert layers.attention_impl(q, blocks) == "dense"
+    assert layers.attention_impl(q, blocks) == "flash"
+    assert blocks[0].mask.segments() == [[(0, 13), (13, 31), (31, 38)], [(0, 40)]]
     assert layers.attention_impl(q, [KVBlock(blocks[0].k, blocks[0].v, blocks[0].mask.dense())]) == "dense"
+    split = packed_doc_ids()
+    split[0, 5:8] = 1  # document 0 in two runs: not a set of causal blocks
+    q, _, blocks = ttt_attention_inputs(split, 3, grad=False)
+    assert blocks[0].mask.segments() is None
+    assert layers.attention_impl(q, blocks) == "dense"
     monkeypatch.setattr(layers, "CPU_DENSE_SCORE_BYTES", 1000)
     assert layers.attention_impl(q, blocks) == "chunked"
+    monkeypatch.setenv("PIPELINE_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="flash"):
+        layers.attention_impl(q, blocks)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_flash_attention_equals_dense_with_gradients(monkeypatch, steps):
+    doc = packed_doc_ids(width=97)  # runs of several kernel blocks, an odd tail, padding, a second row
+    results = []
+    for impl in ("dense", "flash"):
+        monkeypatch.setenv("PIPELINE_ATTENTION", impl)
+        q, kv, blocks = ttt_attention_inputs(doc, steps, heads=6, kv_heads=2, head_dim=16)
+        out = attend(q, blocks)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        results.append((out.detach(), [t.grad for t in (q, *kv)]))
+    (dense, dgrads), (flash, fgrads) = results
+    torch.testing.assert_close(flash, dense, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fgrads, dgrads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (flash[0, :, 93:] == 0).all()  # padding queries see nothing
 
 
 def test_unknown_attention_impl_is_named(monkeypatch):
@@ -223,3 +249,40 @@ def test_unknown_attention_impl_is_named(monkeypatch):
     q, _, blocks = ttt_attention_inputs(packed_doc_ids(), 1)
     with pytest.raises(ValueError, match="PIPELINE_ATTENTION"):
         attend(q, blocks)
+
+
+# ---- the draft heads' lm_head + soft cross-entropy, fused in row chunks
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("trained_head", [True, False])
+def test_fused_head_soft_ce_equals_autograd(monkeypatch, sparse, trained_head):
+    import pipeline.draft.common as common
+
+    monkeypatch.setattr(common, "HEAD_CHUNK_BYTES", 4 * 50 * 7)  # 7 rows per chunk: 5 chunks, the last short
+    g = torch.Generator().manual_seed(0)
+    n, h, v, k = 31, 16, 50, 4
+    x0 = torch.randn(n, h, generator=g)
+    head = torch.nn.Linear(h, v, bias=False).requires_grad_(trained_head)
+    ids = torch.randint(0, v, (n, k), generator=g)
+    ids[::5, 1] = -1  # dropped targets
+    p = torch.softmax(torch.randn(n, k if sparse else v, generator=g), -1)
+    row_weight = (torch.rand(n, generator=g) > 0.3).float()
+    results = []
+    for fused in (False, True):
+        head.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        loss, arg = common.head_soft_ce(x, head, row_weight, ids if sparse else None, p, fused=fused)
+        (3 * loss).backward()
+        results.append((loss.detach(), arg, x.grad, head.weight.grad))
+    (l0, a0, gx0, gw0), (l1, a1, gx1, gw1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
+    assert torch.equal(a1, a0)
+    torch.testing.assert_close(gx1, gx0, rtol=1e-5, atol=1e-7)
+    if trained_head:
+        torch.testing.assert_close(gw1, gw0, rtol=1e-5, atol=1e-7)
+    else:
+        assert gw0 is None and gw1 is None
+    with torch.no_grad():  # metrics only: no gradient work, same value
+        loss, _ = common.head_soft_ce(x0, head, row_weight, ids if sparse else None, p)
+    torch.testing.assert_close(loss, l0, rtol=1e-6, atol=1e-6)

@@ -204,6 +204,82 @@ def masked_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x * w).sum() / w.sum().clamp_min(1)
 
 
+# Logits one chunk of the fused head holds at once (rows x vocabulary x 4 bytes): 16 MiB chunks made the head's
+# matmuls 10% slower than 64 MiB ones on the 2-core CPU (the weight is streamed once per chunk).
+HEAD_CHUNK_BYTES = 64 << 20
+
+
+def head_soft_ce(x: torch.Tensor, head: nn.Linear, row_weight: torch.Tensor, ids: torch.Tensor | None = None,
+                 p: torch.Tensor | None = None, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``masked_mean(softCE(p, log_softmax(head(x))), row_weight)`` and the logits' argmax per row.
+
+    ``x [N, H]``, ``head``: a bias-free ``Linear(H, V)`` (a frozen target head or a trained draft head),
+    ``row_weight [N]``. Targets:
+    sparse ``ids [N, K]`` (``< 0``: dropped) with probabilities ``p [N, K]``, or dense ``p [N, V]`` (``ids`` None).
+    ``fused`` (default) never holds the ``[N, V]`` logits: row chunks compute logits, log-sum-exp, argmax and the
+    gradient ``c_r (sum(p) softmax - p)`` at once, so the step makes two passes over vocabulary-sized memory instead
+    of about nine; the gradients are kept for backward (the loss is a scalar). ``fused=False``: the same function
+    through autograd (the previous path; tests compare the two), also taken under ZeRO-3, whose partitioned weight
+    only the module's own forward gathers."""
+    if not fused or getattr(head.weight, "ds_id", None) is not None:
+        logq = torch.log_softmax(head(x).float(), dim=-1)
+        ce = soft_ce_sparse(logq, ids, p) if ids is not None else -(p * logq).sum(-1)
+        return masked_mean(ce, row_weight), logq.detach().argmax(-1)
+    return _HeadSoftCE.apply(x, head.weight, row_weight.float(), ids, p)
+
+
+class _HeadSoftCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, row_weight, ids, p):
+        n, v = x.shape[0], weight.shape[0]
+        need_x, need_w = ctx.needs_input_grad[:2]  # False under no_grad: metrics only
+        scale = row_weight / row_weight.sum().clamp_min(1)  # d loss / d ce_r
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        arg = torch.empty(n, dtype=torch.long, device=x.device)
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if need_w else None
+        rows = max(1, HEAD_CHUNK_BYTES // (4 * v))
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            logits = (x[lo:hi] @ weight.T).float()
+            arg[lo:hi] = logits.argmax(-1)
+            lse = torch.logsumexp(logits, -1)
+            if ids is not None:
+                keep = ids[lo:hi] >= 0
+                pk = torch.where(keep, p[lo:hi].float(), 0.0)
+                idx = ids[lo:hi].clamp_min(0)
+                total_p = pk.sum(-1)
+                ce = total_p * lse - (pk * logits.gather(-1, idx)).sum(-1)
+            else:
+                pk = p[lo:hi].float()
+                total_p = pk.sum(-1)
+                ce = total_p * lse - (pk * logits).sum(-1)
+            loss += (ce * scale[lo:hi]).sum()
+            if need_x or need_w:
+                # d ce_r / d logits = sum(p_r) softmax_r - p_r, built in place in the chunk's logits
+                grad = logits.sub_(lse[:, None]).exp_().mul_((total_p * scale[lo:hi])[:, None])
+                if ids is not None:
+                    grad.scatter_add_(-1, idx, -pk * scale[lo:hi, None])
+                else:
+                    grad.sub_(pk * scale[lo:hi, None])
+                grad = grad.to(x.dtype)
+                if need_x:
+                    gx[lo:hi] = grad @ weight
+                if need_w:
+                    gw.addmm_(grad.T.float(), x[lo:hi].float())
+        ctx.save_for_backward(gx, gw)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(arg)
+        return loss, arg
+
+    @staticmethod
+    def backward(ctx, dloss, _darg):
+        gx, gw = ctx.saved_tensors
+        dx = gx * dloss.to(gx.dtype) if gx is not None else None
+        dw = (gw * dloss).to(ctx.weight_dtype) if gw is not None else None
+        return dx, dw, None, None, None
+
+
 def unroll_chain(layer: Callable, h0: torch.Tensor, batch: dict[str, torch.Tensor], steps: int,
                  dense: bool = False) -> list[torch.Tensor]:  # fmt: skip
     """Run a draft layer as a chain over every row at once (training-time test / simulated drafting).

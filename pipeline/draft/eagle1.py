@@ -23,10 +23,10 @@ from pipeline.draft.common import (
     DraftShape,
     check_overrides,
     greedy_chain_acceptance,
+    head_soft_ce,
     masked_mean,
     run_layer,
     shifted_rows,
-    soft_ce_sparse,
     target_fields,
     target_logits,
     topk_target,
@@ -166,6 +166,7 @@ class Eagle1Objective:
     noise_std: float = 0.2
     noise_scale_by_length: bool = False  # the reference multiplies by 512/L; default: length-independent
     target: str = "topk"  # "topk": stored top-k log-probs renormalised; "full": softmax(lm_head(f_{t+1}))
+    fused_head: bool = True  # common.head_soft_ce: lm_head + softCE in row chunks (False: through autograd)
 
     def __post_init__(self):
         if self.noise not in ("uniform", "gaussian", "none"):
@@ -202,9 +203,6 @@ def training_loss(model: Eagle1Draft, batch: dict[str, torch.Tensor],
     # Losses only on counted rows: the vocabulary-sized lm_head work is most of the step's compute.
     counted = rows["counted"]
     pred_c = pred[counted]
-    logits = model.lm_head(pred_c).float()
-    logq = torch.log_softmax(logits, dim=-1)
-
     target_f = shift_left(f, 1)[counted]
     if obj.target == "full":
         with torch.no_grad():
@@ -212,19 +210,18 @@ def training_loss(model: Eagle1Draft, batch: dict[str, torch.Tensor],
             tlogits = target_logits(target_f, model.lm_head.weight, model.config.target_config)
             p = torch.softmax(tlogits, dim=-1)
             target_arg = tlogits.argmax(-1)
-        ce = -(p * logq).sum(-1)
+        ids = None
     else:
         ids, p = topk_target(batch, 1)
         ids, p = ids[counted], p[counted]
-        ce = soft_ce_sparse(logq, ids, p)
         target_arg = ids[..., 0]
 
     w = torch.ones(pred_c.shape[0], device=pred.device)
     vloss = masked_mean(F.smooth_l1_loss(pred_c.float(), target_f, reduction="none").mean(-1), w)
-    ploss = masked_mean(ce, w)
+    ploss, draft_arg = head_soft_ce(pred_c, model.lm_head, w, ids, p, fused=obj.fused_head)
     loss = obj.v_weight * vloss + obj.p_weight * ploss
     with torch.no_grad():
-        acc = masked_mean((logits.argmax(-1) == target_arg).float(), w)
+        acc = masked_mean((draft_arg == target_arg).float(), w)
         vals = torch.stack([loss.detach(), vloss.detach(), ploss.detach(), acc, w.sum()]).tolist()
     metrics = dict(zip(("loss", "vloss", "ploss", "acc", "tokens"), vals, strict=True))
     return loss, metrics

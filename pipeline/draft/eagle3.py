@@ -42,11 +42,11 @@ from pipeline.draft.common import (
     acceptance_length,
     check_overrides,
     greedy_chain_acceptance,
+    head_soft_ce,
     masked_mean,
     norm_weight_offset,
     run_layer,
     shifted_rows,
-    soft_ce_sparse,
     target_fields,
     target_logits,
     unroll_chain,
@@ -332,6 +332,7 @@ class Eagle3Objective:
     noise: str = "none"  # "none" | "uniform" | "gaussian", on the aux features in train mode
     noise_std: float = 0.2
     noise_scale_by_length: bool = False
+    fused_head: bool = True  # common.head_soft_ce: lm_head + softCE in row chunks (False: through autograd)
 
     def __post_init__(self):
         if self.ttt_steps < 1:
@@ -344,7 +345,8 @@ class Eagle3Objective:
 
 def _step_target(model: Eagle3Draft, batch: dict[str, torch.Tensor], step: int, target: str,
                  rows: torch.Tensor | None = None):  # fmt: skip
-    """(target argmax in target ids, a function logq -> soft CE over the draft vocab) for row ``t+1+step``.
+    """(target argmax in target ids, draft ids ``[.., K]`` (None: dense), probabilities over the draft vocabulary)
+    of the target of row ``t+1+step``: sparse (stored top-k, ``-1`` outside the draft vocabulary) or dense (``full``).
 
     ``rows`` (bool ``[B,T]``) restricts both to the selected rows (flattened), so the vocabulary-sized work is
     done only where a loss is counted."""
@@ -362,13 +364,13 @@ def _step_target(model: Eagle3Draft, batch: dict[str, torch.Tensor], step: int, 
             arg = tl.argmax(-1)
             used = torch.arange(model.d2t.shape[0], device=tl.device) + model.d2t
             p = torch.softmax(tl[..., used].float(), dim=-1)
-        return arg, lambda logq: -(p * logq).sum(-1)
+        return arg, None, p
     ids = pick(batch["topk_ids"])
     p = pick(batch["topk_logprobs"].float()).exp()
     dids = model.target_to_draft(ids)
     p = torch.where(dids >= 0, p, torch.zeros_like(p))
     p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
-    return ids[..., 0], lambda logq: soft_ce_sparse(logq, dids, p)
+    return ids[..., 0], dids, p
 
 
 def training_loss(model: Eagle3Draft, batch: dict[str, torch.Tensor],
@@ -385,15 +387,14 @@ def training_loss(model: Eagle3Draft, batch: dict[str, torch.Tensor],
     stats = []
     for i, h in enumerate(outs):
         counted = shifted_rows(batch, i)["counted"]
-        arg, ce_fn = _step_target(model, batch, i, obj.target, counted)
+        arg, dids, p = _step_target(model, batch, i, obj.target, counted)
         # draft-vocab logits only for counted rows: the lm_head is most of the step's compute
-        logits = model.logits(h[counted]).float()
-        logq = torch.log_softmax(logits, dim=-1)
         w = model.t2d[arg].float()
-        loss_i = masked_mean(ce_fn(logq), w)
+        loss_i, draft_arg = head_soft_ce(model.norm(h[counted]), model.lm_head, w, dids, p,
+                                         fused=obj.fused_head)  # fmt: skip
         total = total + obj.step_decay**i * loss_i
         with torch.no_grad():
-            acc_i = masked_mean((model.draft_to_target(logits.argmax(-1)) == arg).float(), w)
+            acc_i = masked_mean((model.draft_to_target(draft_arg) == arg).float(), w)
         stats.append(torch.stack([loss_i.detach(), acc_i, w.sum()]))
     vals = torch.stack(stats).tolist()
     metrics: dict[str, float] = {"loss": float(total.detach()), "acc": vals[0][1], "tokens": vals[0][2]}

@@ -6,8 +6,9 @@ Written for clarity and exact control over attention (nanoGPT / gpt-fast style),
   mask, so one primitive serves a KV cache (inference), block-diagonal causal packing (training) and the TTT
   "diagonal" keys of EAGLE-3 (a key that only the query at the same row may see);
 * training masks stay lazy (:class:`DocCausal`: the document ids, not a ``[T, T]`` tensor), and :func:`attend`
-  then works through query chunks, each recomputed in backward, so memory grows linearly with T (the CPU keeps
-  one dense chunk while it fits 4 GiB: faster there; see :func:`attention_impl`);
+  then runs torch's flash kernel once per document on the CPU (TTT diagonals merged through its log-sum-exp), or
+  works through query chunks, each recomputed in backward, so memory grows linearly with T (see
+  :func:`attention_impl`);
 * rotary embeddings are built from the *target's* HF config dict through transformers' own rope init functions,
   so every rope type/scaling the target uses (default, linear, dynamic, yarn, longrope, llama3, ...) is matched;
 * module/parameter names are the ones the serving loaders expect (``self_attn.q_proj`` ..., ``mlp.gate_proj`` ...,
@@ -216,6 +217,13 @@ class DocCausal:
         ki = torch.arange(key_lo, key_hi, device=dq.device)[None, :]
         return (dq == dk) & (dq >= 0) & (ki <= qi)
 
+    def segments(self) -> list[list[tuple[int, int]]] | None:
+        """Per batch row, the ``[lo, hi)`` runs of one document (padding left out); None when some document's rows
+        are not one run (then the mask is not a set of causal blocks on the diagonal)."""
+        if not hasattr(self, "_segments"):  # once per mask (TTT steps, recomputes)
+            self._segments = _runs(self.doc_ids)
+        return self._segments
+
     def first_key(self, lo: int, hi: int) -> int:
         """The first key row any query in ``[lo, hi)`` may see: the earliest first row of their documents."""
         doc = self.doc_ids
@@ -227,6 +235,24 @@ class DocCausal:
             first = first.scatter_reduce(1, ids, rows, "amin")
             self._first = torch.where(doc >= 0, first.gather(1, ids), t)
         return min(int(self._first[:, lo:hi].min()), lo) if hi > lo else lo
+
+
+def _runs(doc_ids: torch.Tensor) -> list[list[tuple[int, int]]] | None:
+    out = []
+    for row in doc_ids.tolist():
+        runs: list[tuple[int, int]] = []
+        seen: set[int] = set()
+        lo = 0
+        for t in range(1, len(row) + 1):
+            if t == len(row) or row[t] != row[lo]:
+                if row[lo] >= 0:
+                    if row[lo] in seen:
+                        return None
+                    seen.add(row[lo])
+                    runs.append((lo, t))
+                lo = t
+        out.append(runs)
+    return out
 
 
 @dataclass
@@ -244,7 +270,7 @@ class KVBlock:
     diagonal: bool = False
 
 
-IMPLS = ("auto", "dense", "chunked", "flex")
+IMPLS = ("auto", "dense", "chunked", "flex", "flash")
 # Bytes of fp32 scores one attention chunk may hold (scores, probabilities and their masked copy); queries
 # are cut into chunks that fit, each recomputed in backward. Rows whose scores fit at once stay one chunk.
 CHUNK_SCORE_BYTES = int(os.environ.get("PIPELINE_ATTENTION_CHUNK_BYTES", 256 << 20))
@@ -256,8 +282,9 @@ def attention_impl(q: torch.Tensor, blocks: Sequence[KVBlock]) -> str:
     """The path :func:`attend` takes (``PIPELINE_ATTENTION`` = auto|dense|chunked|flex overrides ``auto``).
 
     Cache masks (inference) always go ``dense``. Training blocks (a lazy :class:`DocCausal` block, then TTT
-    diagonals) under ``auto``: ``chunked`` — query chunks whose scores fit ``CHUNK_SCORE_BYTES``, one chunk when
-    all fit — except on the CPU while all scores fit ``CPU_DENSE_SCORE_BYTES``, where ``dense`` is faster.
+    diagonals) under ``auto``: ``flash`` on the CPU when every document is one run of rows (packed rows are);
+    otherwise ``chunked`` — query chunks whose scores fit ``CHUNK_SCORE_BYTES``, one chunk when all fit — except
+    on the CPU while all scores fit ``CPU_DENSE_SCORE_BYTES``, where ``dense`` is faster.
     ``flex`` (opt-in, CUDA): one FlexAttention call over step-0 keys and TTT diagonals with a block mask.
     """
     impl = os.environ.get("PIPELINE_ATTENTION", "auto")
@@ -267,7 +294,11 @@ def attention_impl(q: torch.Tensor, blocks: Sequence[KVBlock]) -> str:
     structured = lazy and all(b.diagonal for b in blocks[1:])
     if not structured:
         return "dense"
+    if impl == "flash" and (q.device.type != "cpu" or blocks[0].mask.segments() is None):
+        raise ValueError("PIPELINE_ATTENTION=flash: needs the CPU and documents that are single runs of rows")
     if impl == "auto":
+        if q.device.type == "cpu" and blocks[0].mask.segments() is not None:
+            return "flash"
         n = q.shape[2]
         cpu_dense = q.device.type == "cpu" and n * _score_bytes_per_row(q, n + len(blocks) - 1) <= CPU_DENSE_SCORE_BYTES
         return "dense" if cpu_dense else "chunked"
@@ -286,6 +317,8 @@ def attend(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
         return _attend_chunked(q, blocks)
     if impl == "flex":
         return _attend_flex(q, blocks)
+    if impl == "flash":
+        return _attend_flash(q, blocks)
     return _attend_dense(q, [KVBlock(b.k, b.v, b.mask.dense(), b.diagonal) if isinstance(b.mask, DocCausal)
                              else b for b in blocks])  # fmt: skip
 
@@ -363,6 +396,88 @@ def _attend_chunked(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
     return torch.cat(outs, dim=2)
 
 
+def _attend_flash(q: torch.Tensor, blocks: Sequence[KVBlock]) -> torch.Tensor:
+    """Training attention on the CPU: torch's fused flash kernel (causal, blocked, no ``[T, T]`` tensor) once per
+    document run, so the cost is the sum of the documents' squared lengths, not the row's; TTT diagonals are merged
+    into the same softmax through the kernel's log-sum-exp (:class:`_DocFlashAttention`)."""
+    main, diags = blocks[0], blocks[1:]
+    n = q.shape[2]
+    segments = main.mask.segments()  # type: ignore[union-attr]
+    exists = torch.stack([blk.mask.reshape(-1, n).expand(q.shape[0], n) for blk in diags]) if diags else None
+    kv = [t.to(q.dtype) for blk in diags for t in (blk.k, blk.v)]
+    return _DocFlashAttention.apply(segments, q.shape[-1] ** -0.5, exists, q, main.k.to(q.dtype),
+                                    main.v.to(q.dtype), *kv)  # fmt: skip
+
+
+class _DocFlashAttention(torch.autograd.Function):
+    """Softmax attention over (causal keys of the query's document run, one diagonal key per TTT step).
+
+    The flash kernel gives each query's output ``o0`` and log-sum-exp ``l0`` over its document's keys; with the
+    diagonal scores ``s_j``, one softmax over all keys is ``out = a * o0 + sum_j b_j v_j``, ``a = exp(l0 - L)``,
+    ``b_j = exp(s_j - L)``, ``L = logsumexp(l0, s_j)``. Backward: the union softmax's score gradient of a
+    document key is ``a p0 (dout . v - dout . out)``, which is what the kernel's backward computes when given
+    ``a * dout`` as the output gradient and ``out`` (the merged output) for its ``rowsum(dout * out)`` term."""
+
+    @staticmethod
+    def forward(ctx, segments, scale, exists, q, k0, v0, *diag):
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        b, nh, n, d = q.shape
+        nkv = k0.shape[1]
+        out0 = q.new_zeros(b, nh, n, d)
+        lse0 = q.new_full((b, nh, n), float("-inf"))
+        for r, runs in enumerate(segments):
+            for lo, hi in runs:
+                o, lse = flash(q[r:r + 1, :, lo:hi], k0[r:r + 1, :, lo:hi], v0[r:r + 1, :, lo:hi], is_causal=True,
+                               scale=scale)  # fmt: skip
+                out0[r, :, lo:hi], lse0[r, :, lo:hi] = o[0], lse[0]
+        ctx.segments, ctx.scale, ctx.n_diag = segments, scale, len(diag) // 2
+        if not diag:
+            ctx.save_for_backward(q, k0, v0, out0, lse0)
+            return out0
+        qg = q.view(b, nkv, nh // nkv, n, d)
+        ks, vs = torch.stack(diag[0::2]), torch.stack(diag[1::2])  # [m, B, nkv, N, d]
+        s = (qg[None] * ks[:, :, :, None]).sum(-1) * scale  # [m, B, nkv, g, N]
+        s = s.masked_fill(~exists[:, :, None, None], float("-inf"))
+        both = torch.cat([lse0.view(b, nkv, nh // nkv, n)[None], s])
+        total = torch.logsumexp(both, 0)
+        weights = torch.exp(both - torch.where(total.isfinite(), total, 0))  # a query with no key: all zero
+        out = (weights[0, ..., None] * out0.view(qg.shape) + (weights[1:, ..., None] * vs[:, :, :, None]).sum(0))
+        out = out.view(b, nh, n, d)
+        ctx.save_for_backward(q, k0, v0, out, lse0, weights, ks, vs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        q, k0, v0, out, lse0, *rest = ctx.saved_tensors
+        b, nh, n, d = q.shape
+        nkv = k0.shape[1]
+        dout = dout.contiguous()
+        dq, dk0, dv0 = torch.zeros_like(q), torch.zeros_like(k0), torch.zeros_like(v0)
+        grads_diag: list[torch.Tensor] = []
+        grad0 = dout
+        if rest:
+            weights, ks, vs = rest
+            shape = (b, nkv, nh // nkv, n, d)
+            dg, qg = dout.view(shape), q.view(shape)
+            dot_out = (dg * out.view(shape)).sum(-1)  # [B, nkv, g, N]
+            ds = weights[1:] * ((dg[None] * vs[:, :, :, None]).sum(-1) - dot_out) * ctx.scale  # [m, B, nkv, g, N]
+            dq = (ds[..., None] * ks[:, :, :, None]).sum(0).reshape(q.shape)
+            dks = (ds[..., None] * qg[None]).sum(3)
+            dvs = (weights[1:, ..., None] * dg[None]).sum(3)
+            grads_diag = [g for j in range(ctx.n_diag) for g in (dks[j], dvs[j])]
+            grad0 = (weights[0, ..., None] * dg).reshape(q.shape)
+        for r, runs in enumerate(ctx.segments):
+            for lo, hi in runs:
+                sl = (slice(r, r + 1), slice(None), slice(lo, hi))
+                g_q, g_k, g_v = flash_bwd(grad0[sl], q[sl], k0[sl], v0[sl], out[sl], lse0[sl], 0.0, True,
+                                          scale=ctx.scale)  # fmt: skip
+                dq[sl] += g_q
+                dk0[sl] += g_k
+                dv0[sl] += g_v
+        return (None, None, None, dq, dk0, dv0, *grads_diag)
+
+
 _FLEX: dict = {}
 
 
@@ -419,13 +534,21 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attend_to: AttendTo) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """Returns (output ``[B, N, H]``, new rotated keys, new values ``[B, n_kv, N, d]``)."""
+        q, k, v = self.project(x, cos, sin)
+        return self.o_proj(self.merge_heads(attend(q, attend_to(k, v)))), k, v
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Rotated queries ``[B, heads, N, d]``, rotated keys and values ``[B, n_kv, N, d]`` of ``x``."""
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attend(q, attend_to(k, v))
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1)), k, v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    @staticmethod
+    def merge_heads(out: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = out.shape
+        return out.transpose(1, 2).reshape(b, n, -1)
 
 
 class MLP(nn.Module):
@@ -473,18 +596,40 @@ class DecoderLayer(nn.Module):
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend_to: AttendTo,
                 embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """Returns (layer output ``[B, N, H]``, new keys, new values)."""
-        residual = hidden
+        if self.eagle3 and embeds is None:
+            raise ValueError("an EAGLE-3 layer needs the token embeddings")
+        q, k, v = self.before_attention(hidden, cos, sin, embeds)
+        return self.after_attention(hidden, attend(q, attend_to(k, v))), k, v
+
+    # The two attention-free halves of the layer: what `compile_blocks` hands to torch.compile (attention stays
+    # eager: its document runs change from batch to batch).
+    def before_attention(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         embeds: torch.Tensor | None = None):  # fmt: skip
         if self.eagle3:
-            if embeds is None:
-                raise ValueError("an EAGLE-3 layer needs the token embeddings")
             x = torch.cat([self.input_layernorm(embeds), self.hidden_norm(hidden)], dim=-1)
         elif self.input_layernorm is not None:
             x = self.input_layernorm(hidden)
         else:
             x = hidden
-        a, k, v = self.self_attn(x, cos, sin, attend_to)
-        h = residual + a
-        return h + self.mlp(self.post_attention_layernorm(h)), k, v
+        return self.self_attn.project(x, cos, sin)
+
+    def after_attention(self, residual: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = residual + self.self_attn.o_proj(self.self_attn.merge_heads(attn))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def compile_blocks(self, **options) -> None:
+        """Run :meth:`before_attention` / :meth:`after_attention` through ``torch.compile(**options)`` (fused
+        norms, rope, SwiGLU and residuals); the module's parameters and names are unchanged."""
+        self.before_attention = torch.compile(self.before_attention, **options)
+        self.after_attention = torch.compile(self.after_attention, **options)
+
+
+def compile_layers(model: nn.Module, **options) -> nn.Module:
+    """``compile_blocks`` on every decoder layer of ``model`` (training's ``--compile``); returns ``model``."""
+    for m in model.modules():
+        if isinstance(m, DecoderLayer):
+            m.compile_blocks(**options)
+    return model
 
 
 class KVCache:

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.draft.layers import rope_exact_length
+from pipeline.draft.layers import compile_layers, rope_exact_length
 from pipeline.store import StoreError, StoreReader, missing_fingerprint_fields, verify_store
 from pipeline.train import variants
 from pipeline.train.engine import Engine, EngineConfig, setup_distributed
@@ -82,6 +82,7 @@ class TrainConfig:
     head_init: str = "random"  # EAGLE-3 lm_head/norm: random, or target (the target's rows of the draft vocab)
     loss_tokens: str = "assistant"  # assistant: loss on assistant tokens only; all: every token of a sample
     activation_checkpointing: bool = False
+    compile_layers: bool = False  # torch.compile the draft layers' attention-free blocks (layers.compile_layers)
     wandb_project: str | None = None
     verify_checksums: bool = False  # the same as integrity="full"
     integrity: str = "read"
@@ -198,6 +199,8 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model, objective, build_info = variants.build(cfg, reader)
     model.gradient_checkpointing = cfg.activation_checkpointing
+    if cfg.compile_layers:
+        compile_layers(model)
     engine = Engine(model, cfg.engine_config(total_steps), device)
 
     record = {"train": asdict(cfg), "store": str(Path(cfg.feats).resolve()), "store_fingerprint_digest": reader.digest,
