@@ -378,6 +378,8 @@ def format_train_summary(s: dict) -> str:
         k for k in last if k.startswith("acc_"))  # fmt: skip
     start = s.get("start_step", 0)
     ran = f"steps {start + 1}-{s['steps']} of a resumed run" if start else f"{s['steps']} steps"
+    if start and start >= s["steps"]:
+        ran = f"all {s['steps']} steps were done before this resume, which wrote what was left"
     lines = [f"run              {s['run_dir']}  ({ran}, {s['world_size']} rank(s), {s['wall_s']} s)",
              f"packing waste    {s['packing_waste']:.1%}"]  # fmt: skip
     for k in keys:
@@ -386,6 +388,11 @@ def format_train_summary(s: dict) -> str:
     if last:
         lines.append(f"throughput       {last['tokens_per_s']:.0f} tokens/s, loader wait {last['loader_wait_s']:.3f} s "
                      f"of {last['step_s']:.3f} s per step")  # fmt: skip
+    if s.get("store_moved_from"):
+        lines.append(f"store            moved since the run started (was {s['store_moved_from']}; same fingerprint)")
+    if s.get("cleaned_leftovers"):
+        lines.append(f"cleaned          {len(s['cleaned_leftovers'])} temporary file(s) of dead writers: "
+                     + ", ".join(s["cleaned_leftovers"][:5]))  # fmt: skip
     if s.get("best_val_tau") is not None:
         lines.append(f"held-out τ       {s['best_val_tau']:.3f} (best, simulated greedy chain; counts the bonus token)")
     return "\n".join(lines)
