@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -139,6 +140,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def extract(**kw) -> None:
     """Run the target once over chat data and write a sharded feature store."""
+    # stdout holds the summary only (`--json` parses); vLLM logs to stdout unless told otherwise
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from pipeline.extract.runner import run_extract
     from pipeline.extract.vllm_backend import VLLMEngineDied, VLLMRequestError
     from pipeline.store import StoreError
@@ -292,15 +295,20 @@ def verify(store: Path) -> None:
     for item in find_leftovers(store):
         click.echo(f"NOTE {describe_leftover(item)}", err=True)
     verdict = f"verify: {len(problems)} problem(s) in {store}" if problems else f"verify: {store} ok"
+    click.echo(verdict, err=bool(problems))  # printed before it is recorded: recording may fail
     try:
         record_verify(store, problems)
-    except StoreError as e:
-        click.echo(verdict, err=True)
-        _fail(f"the result was not recorded in verify.arrow: {e}")
+    except (StoreError, OSError) as e:
+        cause = e if isinstance(e, OSError) else e.__cause__
+        if getattr(cause, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM):
+            # a store this process may only read (a read-only mount, another user's): the verdict stands
+            click.echo(f"note: the verdict was not recorded in {store / 'verify.arrow'} ({cause.strerror}): "
+                       "training reads only what is recorded, so run `pipeline verify` where the store is "
+                       "writable to record it", err=True)  # fmt: skip
+        else:
+            _fail(f"the result was not recorded in verify.arrow: {e}")
     if problems:
-        click.echo(verdict, err=True)
         sys.exit(1)
-    click.echo(verdict)
 
 
 @main.command()
