@@ -74,7 +74,10 @@ def record_verify(root: str | os.PathLike, problems: list[str]) -> None:
             _write_arrow(tmp, table)
             os.replace(tmp, root / VERIFY_FILE)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system (EROFS even for a file that was never created)
+            pass
 
 
 def bad_shards_of(problems: list[str]) -> set[int]:

@@ -7,7 +7,8 @@ import os
 import warnings
 from pathlib import Path
 
-from pipeline.train.rundir import TMP_MARK, writing
+from pipeline.store import TMP_PREFIX
+from pipeline.train.rundir import writing
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -24,7 +25,7 @@ class MetricsLog:
             return
         if resume_step is not None and self.path.exists():
             kept = [json.dumps(r, sort_keys=True) for r in _records(self.path) if r.get("step", 0) <= resume_step]
-            tmp = self.path.with_name(f".{METRICS_FILE}{TMP_MARK}{os.getpid()}")
+            tmp = self.path.with_name(f".{METRICS_FILE}{TMP_PREFIX}{os.getpid()}")
             with writing(self.path, "keeping the records up to the resumed step"):
                 tmp.write_text("".join(line + "\n" for line in kept))
                 os.replace(tmp, self.path)

@@ -18,10 +18,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.locks import FileLock
-from pipeline.store import io_error_message
+from pipeline.store import TMP_PREFIX, io_error_message
+from pipeline.store import as_os_error as store_os_error
 
 LOCK_FILE = ".train.lock"
-TMP_MARK = ".tmp-"  # final.tmp-<pid>/, best.tmp-<pid>/, .summary.json.tmp-<pid>, ...
 OLD_SUFFIX = ".old"  # final.old/: the previous weights while the new ones are moved in
 RESUME = "re-run the same `pipeline train` command (it resumes from the last complete checkpoint)"
 # Below this much free space a failed torch.save is a full disk: torch reports it without errno ("unexpected pos")
@@ -49,7 +49,7 @@ def clean_leftovers(run_dir: Path) -> list[str]:
     directories. Returns them as ``name (N bytes)``."""
     removed = []
     for p in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
-        if TMP_MARK in p.name or p.name.endswith(OLD_SUFFIX):
+        if TMP_PREFIX in p.name or p.name.endswith(OLD_SUFFIX):
             size = _du(p)
             with writing(p, "removing a dead writer's temporary file"):
                 if p.is_dir() and not p.is_symlink():
@@ -71,7 +71,7 @@ def _du(p: Path) -> int:
 
 def write_json(path: Path, obj: object) -> None:
     """``path`` replaced atomically by ``obj`` as JSON: a failed write leaves the previous file (or none)."""
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_PREFIX}{os.getpid()}")
     try:
         with writing(path, f"writing {path.name}"):
             tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -88,20 +88,16 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def as_os_error(e: BaseException, path: Path) -> OSError | None:
-    """The OSError behind a failed write, also where a library reports it as its own error (safetensors, torch's
-    zip writer); None for anything that is not a failed write (a bug keeps its traceback)."""
-    if isinstance(e, OSError):
-        return e
+    """The OSError behind a failed write (:func:`pipeline.store.as_os_error`), also where torch's zip writer
+    reports it without one ("unexpected pos", "PytorchStreamWriter failed"): a full disk when the file system has
+    (almost) no space left; None for anything that is not a failed write."""
     text = str(e)
-    if type(e).__name__ == "SafetensorError":
-        code = errno.ENOSPC if "StorageFull" in text or "os error 28" in text or "code: 28" in text else 0
-        return OSError(code, os.strerror(code) if code else text.splitlines()[0])
-    if isinstance(e, RuntimeError) and ("PytorchStreamWriter" in text or "unexpected pos" in text
-                                        or "inline_container" in text):  # fmt: skip
+    if isinstance(e, RuntimeError) and any(t in text for t in ("PytorchStreamWriter", "unexpected pos",
+                                                               "inline_container")):  # fmt: skip
         if _free_bytes(path) < FULL_BELOW_BYTES:
             return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return OSError(0, f"torch could not write it ({text.splitlines()[0].strip()})")
-    return None
+    return store_os_error(e)
 
 
 def _free_bytes(path: Path) -> int:
@@ -127,6 +123,4 @@ def writing(path: Path, what: str, then: str = RESUME) -> Iterator[None]:
         err = as_os_error(e, path)
         if err is None:
             raise
-        if err.filename and TMP_MARK in str(err.filename):  # name the file being written, not its temporary
-            err = OSError(err.errno, err.strerror)
         raise TrainError(io_error_message(err, path, what, then)) from e
