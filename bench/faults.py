@@ -448,6 +448,36 @@ def t_resume_summary(s: Setup) -> tuple[bool, str]:
     return res.rc == 0 and "(step 5)" in line and "steps 5-8" in res.out, f"exit {res.rc}: {line.strip()}"
 
 
+# ---- issue 24: shards bound to their place
+
+
+def t_copied_shard(s: Setup) -> tuple[bool, str]:
+    """shard-00002's directory replaced by a copy of committed shard-00001 (samples 4-7 twice, 8-11 gone)."""
+    root = s.copy("copied-shard")
+    shutil.rmtree(shard(root, 2))
+    shutil.copytree(shard(root, 1), shard(root, 2))
+    v = s.cli("verify", root)
+    bad = [ln for ln in v.err.splitlines() if ln.startswith("BAD")]
+    train = refused(s.train(root, s.work / "run-copied", "--max-steps", "1"), "shard-00002")
+    res = s.extract(root)
+    return all_ok((v.rc == 1 and len(bad) == 1 and "shard-00002" in bad[0], f"verify exit {v.rc}: {bad[:1]}"),
+                  train, repaired(res, "redid shard 2"), identical(s, root), verified(s, root))  # fmt: skip
+
+
+def t_swapped_shards(s: Setup) -> tuple[bool, str]:
+    root = s.copy("swapped-shards")
+    a, b, tmp = shard(root, 1), shard(root, 4), root / "shards" / "swap"
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+    v = s.cli("verify", root)
+    bad = [ln for ln in v.err.splitlines() if ln.startswith("BAD")]
+    train = refused(s.train(root, s.work / "run-swapped", "--max-steps", "1"), "shard-00001", "shard-00004")
+    res = s.extract(root)
+    return all_ok((v.rc == 1 and len(bad) == 2, f"verify exit {v.rc}: {len(bad)} BAD lines"), train,
+                  repaired(res, "redid shards 1 and 4"), identical(s, root), verified(s, root))  # fmt: skip
+
+
 # ---- issue 24: training's run directory, verify on a read-only store, --json while waiting
 
 TRAIN_RUN = ["--max-steps", "4", "--save-every", "2"]
@@ -657,6 +687,10 @@ TRIALS: list[tuple[str, int, str, Callable[[Setup], tuple[bool, str]]]] = [
     ("flipped byte in target weights", 8, "verify fails, train refuses naming it; re-run rewrites it",
      t_target_weights),
     ("summary after a resume", 9, "names the steps it ran (5-8)", t_resume_summary),
+    ("shard-00002 replaced by a copy of shard-00001", 24, "verify, train refuse naming shard-00002; re-run "
+     "redoes it; identical", t_copied_shard),
+    ("two shard directories swapped", 24, "verify, train refuse naming both; re-run redoes them; identical",
+     t_swapped_shards),
     ("two trainers, same --out, together", 24, "one refused naming the holder; each step once; identical",
      t_two_trainers_together),
     ("two trainers, same --out, 4 s apart", 24, "one refused naming the holder; each step once; identical",

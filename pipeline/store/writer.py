@@ -209,7 +209,7 @@ class StoreWriter:
             return "absent", []
         if not (path / COMMIT_FILE).exists():  # not made by the commit protocol; it would block the rename
             return "corrupt", [f"{COMMIT_FILE}: missing (the directory is not a committed shard)"]
-        _, problems = open_shard(path, self.digest, self.arrays, full=full)
+        _, problems = open_shard(path, self.digest, self.arrays, full=full, plan=self.plan)
         foreign = [p for p in problems if p.startswith(FOREIGN_SHARD)]
         if foreign:
             raise StoreError(f"{path}: {foreign[0]}")
