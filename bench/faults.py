@@ -527,7 +527,12 @@ def _two_trainers(s: Setup, name: str, gap: float) -> tuple[bool, str]:
     results = [finish(p) for p in (a, b)]
     won = [r for r in results if r.rc == 0]
     lost = [r for r in results if r.rc != 0]
-    refusal = refused(lost[0], "being written by another `pipeline train`", "pid") if lost else (False, "none refused")
+    # the loser is refused naming the holder, or, where the winner finished before the loser got that far (a tiny
+    # model on a loaded machine), as a finished run: never a second writer either way
+    refusal = (False, "none refused")
+    if lost:
+        refusal = max(refused(lost[0], "being written by another `pipeline train`", "pid"),
+                      refused(lost[0], "holds a finished run"), key=lambda r: r[0])
     steps = [m["step"] for m in metrics_of(run) if m.get("kind") == "train"]
     return all_ok((len(won) == 1, f"exits {results[0].rc}, {results[1].rc}"), refusal,
                   (steps == list(range(1, 5)), f"metrics.jsonl steps {steps}"), same_run(s, run))
