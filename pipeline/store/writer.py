@@ -129,7 +129,7 @@ class StoreWriter:
                                                "code_version": __version__})],
             })  # fmt: skip
             try:
-                with _writing(tmp, "writing the store metadata"):
+                with _writing(self.root / STORE_FILE, "writing the store metadata"):
                     _write_arrow(tmp, table)
                     with open(tmp, "rb") as f:
                         os.fsync(f.fileno())
@@ -185,7 +185,7 @@ class StoreWriter:
             self.repaired_target = problems
         tmp = self.root / f"{TMP_PREFIX}{TARGET_DIR}-{socket.gethostname()}-{os.getpid()}"
         try:
-            with _writing(tmp, "writing the target pieces"):
+            with _writing(self.root / TARGET_DIR, "writing the target pieces"):
                 tmp.mkdir()
                 (tmp / "config.json").write_text(json.dumps(target.config, indent=2, sort_keys=True))
                 save_file({k: v.detach().cpu().contiguous() for k, v in target.weights.items()},
@@ -320,7 +320,8 @@ class ShardWriter:
         return self.written_rows + self.pending_rows
 
     def _writing(self, what: str):
-        return _writing(self.tmp, f"{what} (shard {self.shard})")
+        # named by where the shard goes: its temporary directory is gone once the failure is reported
+        return _writing(self.store.shard_dir(self.shard), f"{what} (shard {self.shard})")
 
     def skip(self, source_index: int, record_id: str, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
