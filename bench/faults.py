@@ -577,11 +577,19 @@ def t_train_disk_full(s: Setup) -> tuple[bool, str]:
     return all_ok(*checks)
 
 
+def half_written(files) -> bool:
+    try:
+        return any(f.stat().st_size for f in files)
+    except OSError:  # moved into place meanwhile
+        return False
+
+
 def t_killed_saving_final(s: Setup) -> tuple[bool, str]:
     for _attempt in range(3):
         run = s.fresh("killed-final")
         p = s.popen(*train_cmd(s, s.clean, run))
-        caught = wait_for(lambda: bool(list(run.glob("final.tmp-*"))), 900, step=0.001)  # noqa: B023
+        # killed while the weights are half written, not before the first byte
+        caught = wait_for(lambda: half_written(run.glob("final.tmp-*/model.safetensors")), 900, step=0.001)  # noqa: B023
         p.send_signal(signal.SIGKILL)
         finish(p)
         left = [x.name for x in run.glob("final.tmp-*")]

@@ -388,9 +388,13 @@ class ShardWriter:
         self.written_rows += rows
 
     def _wait_writes(self) -> None:
+        """Wait for every write in flight, then re-raise the first that failed (disk full, ...) in this thread. All
+        of them: a write still running after an abort removed the directory would create it again (Zarr makes the
+        chunk's parent directories), leaving a temporary directory of a dead writer behind."""
         writes, self.writes = self.writes, []
-        for fut in writes:
-            fut.result()  # re-raises a failed write (disk full, ...) in the committing thread
+        failed = [e for e in (fut.exception() for fut in writes) if e is not None]
+        if failed:
+            raise failed[0]
 
     def _raise_failed_writes(self) -> None:
         # a pooled write that already failed (disk full) stops the shard at the next append, not only at commit;
