@@ -577,29 +577,23 @@ def t_train_disk_full(s: Setup) -> tuple[bool, str]:
     return all_ok(*checks)
 
 
-def half_written(files) -> bool:
-    try:
-        return any(f.stat().st_size for f in files)
-    except OSError:  # moved into place meanwhile
-        return False
-
-
 def t_killed_saving_final(s: Setup) -> tuple[bool, str]:
     for _attempt in range(3):
         run = s.fresh("killed-final")
         p = s.popen(*train_cmd(s, s.clean, run))
-        # killed while the weights are half written, not before the first byte
-        caught = wait_for(lambda: half_written(run.glob("final.tmp-*/model.safetensors")), 900, step=0.001)  # noqa: B023
+        # killed while the weights are being written (the file exists), not before
+        caught = wait_for(lambda: bool(list(run.glob("final.tmp-*/model.safetensors"))), 900, step=0.001)  # noqa: B023
         p.send_signal(signal.SIGKILL)
         finish(p)
-        left = [x.name for x in run.glob("final.tmp-*")]
+        left = [f"{x.name} ({sum(f.stat().st_size for f in x.rglob('*') if f.is_file()):,} bytes)"
+                for x in run.glob("final.tmp-*")]  # fmt: skip
         if caught and left and not (run / "summary.json").exists():
             break
     else:
         return False, "never caught the process writing final/"
     res = s.cli(*train_cmd(s, s.clean, run))
     cleaned = next((ln.strip() for ln in res.out.splitlines() if ln.startswith("cleaned")), "")
-    return all_ok((res.rc == 0 and left[0] in cleaned and not list(run.glob("*.tmp-*")),
+    return all_ok((res.rc == 0 and left[0].split()[0] in cleaned and not list(run.glob("*.tmp-*")),
                    f"killed leaving {left[0]}; re-run exit {res.rc}: {cleaned or 'nothing reported'}"),
                   same_run(s, run))  # fmt: skip
 
