@@ -582,12 +582,13 @@ def t_killed_saving_final(s: Setup) -> tuple[bool, str]:
         run = s.fresh("killed-final")
         p = s.popen(*train_cmd(s, s.clean, run))
         # killed while the weights are being written (the file exists), not before
-        caught = wait_for(lambda: bool(list(run.glob("final.tmp-*/model.safetensors"))), 900, step=0.001)  # noqa: B023
+        wait_for(lambda: bool(list(run.glob("final.tmp-*/model.safetensors"))) or p.poll() is not None,  # noqa: B023
+                 900, step=0.001)  # fmt: skip
         p.send_signal(signal.SIGKILL)
         finish(p)
         left = [f"{x.name} ({sum(f.stat().st_size for f in x.rglob('*') if f.is_file()):,} bytes)"
                 for x in run.glob("final.tmp-*")]  # fmt: skip
-        if caught and left and not (run / "summary.json").exists():
+        if left and not (run / "summary.json").exists():
             break
     else:
         return False, "never caught the process writing final/"
@@ -656,7 +657,8 @@ def t_moved_store_resumes(s: Setup) -> tuple[bool, str]:
     run = s.fresh("run-moved")
     p = s.popen(*train_cmd(s, store, run))
     latest = run / "checkpoints" / "latest"
-    wait_for(lambda: latest.exists() and latest.read_text().strip() == "step2", 900, step=0.01)
+    wait_for(lambda: (latest.exists() and latest.read_text().strip() == "step2") or p.poll() is not None, 900,
+             step=0.01)  # fmt: skip
     p.send_signal(signal.SIGKILL)
     finish(p)
     moved = s.fresh("moved-store-b")
