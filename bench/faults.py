@@ -48,8 +48,13 @@ class Result:
         return lines[-1] if lines else ""
 
 
+# A process that trained in-process (tests/test_faults.py) holds these; a CLI it starts must pick its own rendezvous
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env() -> dict[str, str]:
-    return dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu",
+    base = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    return dict(base, PYTHONUNBUFFERED="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu",
                 PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))  # fmt: skip
 
 
@@ -343,7 +348,7 @@ def t_disk_full(s: Setup) -> tuple[bool, str]:
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=True)
     try:
         root = mnt / "store"
-        first = refused(s.extract(root), "No space left on device")
+        first = refused(s.extract(root), "No space left on device", "free space")
         left = leftovers(root)
         filler = mnt / "filler"
         with open(filler, "wb", buffering=0) as f:  # fill what is left: verify must still report, leave nothing
@@ -448,6 +453,225 @@ def t_resume_summary(s: Setup) -> tuple[bool, str]:
     return res.rc == 0 and "(step 5)" in line and "steps 5-8" in res.out, f"exit {res.rc}: {line.strip()}"
 
 
+# ---- issue 24: shards bound to their place
+
+
+def t_copied_shard(s: Setup) -> tuple[bool, str]:
+    """shard-00002's directory replaced by a copy of committed shard-00001 (samples 4-7 twice, 8-11 gone)."""
+    root = s.copy("copied-shard")
+    shutil.rmtree(shard(root, 2))
+    shutil.copytree(shard(root, 1), shard(root, 2))
+    v = s.cli("verify", root)
+    bad = [ln for ln in v.err.splitlines() if ln.startswith("BAD")]
+    train = refused(s.train(root, s.work / "run-copied", "--max-steps", "1"), "shard-00002")
+    res = s.extract(root)
+    return all_ok((v.rc == 1 and len(bad) == 1 and "shard-00002" in bad[0], f"verify exit {v.rc}: {bad[:1]}"),
+                  train, repaired(res, "redid shard 2"), identical(s, root), verified(s, root))  # fmt: skip
+
+
+def t_swapped_shards(s: Setup) -> tuple[bool, str]:
+    root = s.copy("swapped-shards")
+    a, b, tmp = shard(root, 1), shard(root, 4), root / "shards" / "swap"
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+    v = s.cli("verify", root)
+    bad = [ln for ln in v.err.splitlines() if ln.startswith("BAD")]
+    train = refused(s.train(root, s.work / "run-swapped", "--max-steps", "1"), "shard-00001", "shard-00004")
+    res = s.extract(root)
+    return all_ok((v.rc == 1 and len(bad) == 2, f"verify exit {v.rc}: {len(bad)} BAD lines"), train,
+                  repaired(res, "redid shards 1 and 4"), identical(s, root), verified(s, root))  # fmt: skip
+
+
+# ---- issue 24: training's run directory, verify on a read-only store, --json while waiting
+
+TRAIN_RUN = ["--max-steps", "4", "--save-every", "2"]
+
+
+def train_cmd(s: Setup, feats: Path, out: Path, *extra) -> list:
+    return ["train", "--feats", feats, "--out", out, *s.train_args, "--no-progress", *TRAIN_RUN, *extra]
+
+
+def clean_run(s: Setup) -> Path:
+    """A training run on the clean store that nothing disturbed: the reference of the training trials."""
+    run = s.work / "run-clean"
+    if not (run / "summary.json").exists():
+        shutil.rmtree(run, ignore_errors=True)
+        res = s.cli(*train_cmd(s, s.clean, run))
+        if res.rc:
+            raise RuntimeError(f"the clean training run failed: {res.last_error}")
+    return run
+
+
+def metrics_of(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def same_run(s: Setup, run: Path) -> tuple[bool, str]:
+    """Every step's loss and the final weights bit for bit those of the undisturbed run."""
+    ref = clean_run(s)
+
+    def losses(r: Path) -> list[float]:
+        return [m["loss"] for m in metrics_of(r) if m.get("kind") == "train"]
+
+    def weights(r: Path) -> str | None:
+        f = r / "final" / "model.safetensors"
+        return hashlib.sha256(f.read_bytes()).hexdigest() if f.exists() else None
+
+    same = losses(run) == losses(ref) and weights(run) == weights(ref) is not None
+    return same, "losses and final weights identical" if same else (
+        f"NOT identical (steps {[m['step'] for m in metrics_of(run) if m.get('kind') == 'train']})")  # fmt: skip
+
+
+def _two_trainers(s: Setup, name: str, gap: float) -> tuple[bool, str]:
+    run = s.fresh(name)
+    a = s.popen(*train_cmd(s, s.clean, run))
+    time.sleep(gap)
+    b = s.popen(*train_cmd(s, s.clean, run))
+    results = [finish(p) for p in (a, b)]
+    won = [r for r in results if r.rc == 0]
+    lost = [r for r in results if r.rc != 0]
+    # the loser is refused naming the holder, or, where the winner finished before the loser got that far (a tiny
+    # model on a loaded machine), as a finished run: never a second writer either way
+    refusal = (False, "none refused")
+    if lost:
+        refusal = max(refused(lost[0], "being written by another `pipeline train`", "pid"),
+                      refused(lost[0], "holds a finished run"), key=lambda r: r[0])
+    steps = [m["step"] for m in metrics_of(run) if m.get("kind") == "train"]
+    return all_ok((len(won) == 1, f"exits {results[0].rc}, {results[1].rc}"), refusal,
+                  (steps == list(range(1, 5)), f"metrics.jsonl steps {steps}"), same_run(s, run))
+
+
+def t_two_trainers_together(s: Setup) -> tuple[bool, str]:
+    return _two_trainers(s, "two-trainers-0s", 0.0)
+
+
+def t_two_trainers_4s(s: Setup) -> tuple[bool, str]:
+    return _two_trainers(s, "two-trainers-4s", 4.0)
+
+
+def _du(root: Path) -> int:
+    return sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file())
+
+
+def t_train_disk_full(s: Setup) -> tuple[bool, str]:
+    """A real full disk (a tmpfs) under the run directory: first while it writes a checkpoint, then while it writes
+    final/; one line each, and the re-run with space ends as the undisturbed run."""
+    if os.geteuid() != 0:
+        return False, "not run: mounting a tmpfs needs root (tests/test_train.py injects the same errors instead)"
+    ref = clean_run(s)
+    ckpt, final = _du(ref / "checkpoints" / "step2"), _du(ref / "final")
+    checks = []
+    for what, size, names in (("checkpoint", ckpt // 2, ("checkpoints/step2", "No space left", "free space")),
+                              ("final/", 2 * ckpt + final // 2, ("final/model.safetensors", "No space left",
+                                                                 "free space"))):  # fmt: skip
+        mnt = s.fresh(f"train-tmpfs-{what.strip('/')}")
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size // 4096 * 4096}", "tmpfs", str(mnt)], check=True)
+        try:
+            run = mnt / "run"
+            first = refused(s.cli(*train_cmd(s, s.clean, run)), *names)
+            left = [p.name for p in run.iterdir() if ".tmp-" in p.name] if run.exists() else []
+            subprocess.run(["mount", "-o", f"remount,size={4 * (ckpt + final)}", str(mnt)], check=True)
+            res = s.cli(*train_cmd(s, s.clean, run))
+            checks += [(first[0], f"{what}: {first[1]}"), (not left, f"temporary files: {left or 'none'}"),
+                       succeeded(res, "re-run with space"), same_run(s, run)]  # fmt: skip
+        finally:
+            subprocess.run(["umount", str(mnt)], check=False)
+    return all_ok(*checks)
+
+
+def t_killed_saving_final(s: Setup) -> tuple[bool, str]:
+    for _attempt in range(3):
+        run = s.fresh("killed-final")
+        p = s.popen(*train_cmd(s, s.clean, run))
+        # killed once final.tmp-<pid>/ exists (its weights file lives for a few ms only: polling misses it)
+        wait_for(lambda: bool(list(run.glob("final.tmp-*"))) or p.poll() is not None, 900, step=0.001)  # noqa: B023
+        p.send_signal(signal.SIGKILL)
+        finish(p)
+        left = [f"{x.name} ({sum(f.stat().st_size for f in x.rglob('*') if f.is_file()):,} bytes)"
+                for x in run.glob("final.tmp-*")]  # fmt: skip
+        if left and not (run / "summary.json").exists():
+            break
+    else:
+        return False, "never caught the process writing final/"
+    res = s.cli(*train_cmd(s, s.clean, run))
+    cleaned = next((ln.strip() for ln in res.out.splitlines() if ln.startswith("cleaned")), "")
+    return all_ok((res.rc == 0 and left[0].split()[0] in cleaned and not list(run.glob("*.tmp-*")),
+                   f"killed leaving {left[0]}; re-run exit {res.rc}: {cleaned or 'nothing reported'}"),
+                  same_run(s, run))  # fmt: skip
+
+
+def t_verify_read_only(s: Setup) -> tuple[bool, str]:
+    """verify on a store it may not write: a read-only bind mount (root), else a store without write permission."""
+    root = s.copy("read-only")
+    view = s.fresh("read-only-mount")
+    if os.geteuid() == 0:
+        view.mkdir()
+        subprocess.run(["mount", "--bind", str(root), str(view)], check=True)
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+    else:
+        view = root
+        for p in [root, *root.rglob("*")]:
+            if p.is_dir():
+                p.chmod(0o555)
+    try:
+        v = s.cli("verify", view)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(view)], check=False)
+        else:
+            for p in [root, *root.rglob("*")]:
+                if p.is_dir():
+                    p.chmod(0o755)
+    verdict = next((ln for ln in v.out.splitlines() if ln.startswith("verify:")), "")
+    note = next((ln for ln in v.err.splitlines() if ln.startswith("note:")), "")
+    return (v.rc == 0 and verdict.endswith("ok") and "not recorded" in note and not v.traceback,
+            f"exit {v.rc}: {verdict} / {note}")
+
+
+def t_extract_json_waiting(s: Setup) -> tuple[bool, str]:
+    """--json while another writer holds a shard: the waiting message on stderr, only the JSON summary on stdout."""
+    sys.path.insert(0, str(REPO))
+    from pipeline.locks import FileLock
+
+    root = s.fresh("json-waiting")
+    held = FileLock(root / ".locks" / "shard-00005.lock")  # this process plays the other writer of shard 5
+    held.acquire()
+    try:
+        p = s.popen(*s.extract_cmd(root), "--json")
+        waited = wait_for(lambda: "waiting for" in (p.logs[1].seek(0) or p.logs[1].read()), 900, step=0.05)
+    finally:
+        held.release()
+    res = finish(p)
+    try:
+        summary = json.loads(res.out)
+        parsed = f"stdout parses as JSON ({summary['samples_written']} samples)"
+    except ValueError as e:
+        summary, parsed = None, f"stdout does NOT parse: {e}; starts {res.out[:60]!r}"
+    message = next((ln.strip() for ln in res.err.splitlines() if "waiting for" in ln), "no waiting message")
+    return all_ok((res.rc == 0 and waited, f"exit {res.rc}, stderr: {message}"), (summary is not None, parsed),
+                  identical(s, root))
+
+
+def t_moved_store_resumes(s: Setup) -> tuple[bool, str]:
+    """A run whose (unchanged) store was moved: the same fingerprint resumes, and says where the store was."""
+    store = s.copy("moved-store-a")
+    run = s.fresh("run-moved")
+    p = s.popen(*train_cmd(s, store, run))
+    latest = run / "checkpoints" / "latest"
+    wait_for(lambda: (latest.exists() and latest.read_text().strip() == "step2") or p.poll() is not None, 900,
+             step=0.01)  # fmt: skip
+    p.send_signal(signal.SIGKILL)
+    finish(p)
+    moved = s.fresh("moved-store-b")
+    store.rename(moved)
+    res = s.cli(*train_cmd(s, moved, run))
+    line = next((ln.strip() for ln in res.out.splitlines() if ln.startswith("store")), "")
+    return all_ok((res.rc == 0 and "moved" in line, f"exit {res.rc}: {line or res.last_error}"), same_run(s, run))
+
+
 TRIALS: list[tuple[str, int, str, Callable[[Setup], tuple[bool, str]]]] = [
     ("deleted chunk -> train", 1, "train refuses naming the chunk; inspect marks the shard", t_deleted_chunk),
     ("flipped chunk byte -> train", 1, "train refuses naming the chunk (checksum on first read)", t_flipped_chunk_byte),
@@ -476,6 +700,24 @@ TRIALS: list[tuple[str, int, str, Callable[[Setup], tuple[bool, str]]]] = [
     ("flipped byte in target weights", 8, "verify fails, train refuses naming it; re-run rewrites it",
      t_target_weights),
     ("summary after a resume", 9, "names the steps it ran (5-8)", t_resume_summary),
+    ("shard-00002 replaced by a copy of shard-00001", 24, "verify, train refuse naming shard-00002; re-run "
+     "redoes it; identical", t_copied_shard),
+    ("two shard directories swapped", 24, "verify, train refuse naming both; re-run redoes them; identical",
+     t_swapped_shards),
+    ("two trainers, same --out, together", 24, "one refused naming the holder; each step once; identical",
+     t_two_trainers_together),
+    ("two trainers, same --out, 4 s apart", 24, "one refused naming the holder; each step once; identical",
+     t_two_trainers_4s),
+    ("disk full (tmpfs) while training writes a checkpoint, final/", 24,
+     "one line naming the file each, exit 2; re-run identical", t_train_disk_full),
+    ("kill -9 while training saves final/", 24, "re-run removes and reports final.tmp-<pid>; identical",
+     t_killed_saving_final),
+    ("verify on a read-only store", 24, "verdict printed, then a note that it was not recorded; exit 0",
+     t_verify_read_only),
+    ("extract --json while waiting for another writer's shard", 24, "waiting on stderr; stdout parses; identical",
+     t_extract_json_waiting),
+    ("training resumed from a moved store", 24, "same fingerprint resumes, says so; identical",
+     t_moved_store_resumes),
 ]
 
 

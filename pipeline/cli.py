@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -146,6 +147,8 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def extract(**kw) -> None:
     """Run the target once over chat data and write a sharded feature store."""
+    # stdout holds the summary only (`--json` parses); vLLM logs to stdout unless told otherwise
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from pipeline.extract.runner import run_extract
     from pipeline.extract.vllm_backend import VLLMEngineDied, VLLMRequestError
     from pipeline.store import StoreError
@@ -322,15 +325,20 @@ def verify(store: Path) -> None:
     for item in find_leftovers(store):
         click.echo(f"NOTE {describe_leftover(item)}", err=True)
     verdict = f"verify: {len(problems)} problem(s) in {store}" if problems else f"verify: {store} ok"
+    click.echo(verdict, err=bool(problems))  # printed before it is recorded: recording may fail
     try:
         record_verify(store, problems)
-    except StoreError as e:
-        click.echo(verdict, err=True)
-        _fail(f"the result was not recorded in verify.arrow: {e}")
+    except (StoreError, OSError) as e:
+        cause = e if isinstance(e, OSError) else e.__cause__
+        if getattr(cause, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM):
+            # a store this process may only read (a read-only mount, another user's): the verdict stands
+            click.echo(f"note: the verdict was not recorded in {store / 'verify.arrow'} ({cause.strerror}): "
+                       "training reads only what is recorded, so run `pipeline verify` where the store is "
+                       "writable to record it", err=True)  # fmt: skip
+        else:
+            _fail(f"the result was not recorded in verify.arrow: {e}")
     if problems:
-        click.echo(verdict, err=True)
         sys.exit(1)
-    click.echo(verdict)
 
 
 @main.command()
@@ -411,6 +419,8 @@ def format_train_summary(s: dict) -> str:
         k for k in last if k.startswith("acc_"))  # fmt: skip
     start = s.get("start_step", 0)
     ran = f"steps {start + 1}-{s['steps']} of a resumed run" if start else f"{s['steps']} steps"
+    if start and start >= s["steps"]:
+        ran = f"all {s['steps']} steps were done before this resume, which wrote what was left"
     lines = [f"run              {s['run_dir']}  ({ran}, {s['world_size']} rank(s), {s['wall_s']} s)",
              f"packing waste    {s['packing_waste']:.1%}"]  # fmt: skip
     for k in keys:
@@ -419,6 +429,11 @@ def format_train_summary(s: dict) -> str:
     if last:
         lines.append(f"throughput       {last['tokens_per_s']:.0f} tokens/s, loader wait {last['loader_wait_s']:.3f} s "
                      f"of {last['step_s']:.3f} s per step")  # fmt: skip
+    if s.get("store_moved_from"):
+        lines.append(f"store            moved since the run started (was {s['store_moved_from']}; same fingerprint)")
+    if s.get("cleaned_leftovers"):
+        lines.append(f"cleaned          {len(s['cleaned_leftovers'])} temporary file(s) of dead writers: "
+                     + ", ".join(s["cleaned_leftovers"][:5]))  # fmt: skip
     if s.get("best_val_tau") is not None:
         lines.append(f"held-out τ       {s['best_val_tau']:.3f} (best, simulated greedy chain; counts the bonus token)")
     return "\n".join(lines)

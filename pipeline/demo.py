@@ -48,7 +48,7 @@ def _stage(name: str) -> float:
 
 def run_demo(cfg: DemoConfig) -> list[dict]:
     from pipeline.evaluate.cli import evaluate
-    from pipeline.evaluate.report import cost_warning
+    from pipeline.evaluate.report import cost_warning, recalibration_note
     from pipeline.extract.runner import ExtractConfig, run_extract
     from pipeline.train.trainer import TrainConfig, train
     from pipeline.train.variants import export_run
@@ -97,6 +97,8 @@ def run_demo(cfg: DemoConfig) -> list[dict]:
                                                    "tokens_per_s", "baseline_tokens_per_s", "speedup")}})  # fmt: skip
             click.echo(f"   τ {report['acceptance_length']:.2f}, speedup {report['speedup']:.2f}x, "
                        f"{time.time() - t:.0f} s")  # fmt: skip
+            if note := recalibration_note(report):
+                click.echo(f"   costs: {note}")
             if warning := cost_warning(report):
                 click.echo(f"   warning: {warning}")
     for name, label in (("generate", "transformers generate"), ("prompt_lookup", "prompt lookup (10)")):

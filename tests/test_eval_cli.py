@@ -174,3 +174,38 @@ def test_real_smollm2_end_to_end(smollm2_runs, tmp_path):
           f"speedup={rep['speedup']:.3f} accept={rep['per_position_acceptance']}")
     res = CliRunner().invoke(eval_command, ["--compare", str(reports["chain"]), str(out)])
     assert res.exit_code == 0 and "eagle1" in res.output and "eagle3" in res.output, res.output
+
+
+def test_a_stale_cached_cost_model_is_measured_again_and_used(tmp_path, tiny_llama_dir, monkeypatch):
+    """A cost model cached under another load (here: every price x20) is found by the probe before drafting,
+    measured again, cached, and used; the report and the summary say so."""
+    from synthetic_draft import tiny_draft
+
+    from pipeline.evaluate.target import load_target
+
+    monkeypatch.setenv("PIPELINE_CACHE", str(tmp_path / "cache"))
+    target, _ = load_target(tiny_llama_dir)
+    head = tiny_draft(target, "eagle1")
+    head.config.target_name = str(tiny_llama_dir)
+    draft = export_draft(head, None, tmp_path / "e1", dtype=torch.float32)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Why?"}])
+    args = ["--draft", str(draft), "--prompts", str(prompts), "--mode", "chain", "--depth", "3", "--linears",
+            "stock", "--max-new-tokens", "6", "--baselines", "", "--no-progress"]  # fmt: skip
+    res = CliRunner().invoke(eval_command, [*args, "--report", str(tmp_path / "first.json")])
+    assert res.exit_code == 0, res.output
+    (cached,) = (tmp_path / "cache" / "costs").glob("*.json")
+    stale = json.loads(cached.read_text())
+    stale["verify_s"] = {n: 20 * s for n, s in stale["verify_s"].items()}
+    stale["draft_s"] *= 20
+    cached.write_text(json.dumps(stale))
+    res = CliRunner().invoke(eval_command, [*args, "--report", str(tmp_path / "second.json")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "second.json").read_text())
+    done = rep["budget"]["recalibrated"]
+    assert done["old_verify_1_s"] == stale["verify_s"]["1"] and done["probe"]["stale"]
+    assert done["probe"]["observed_step_s"] < stale["verify_s"]["1"] / 4
+    fresh = json.loads(cached.read_text())  # cached again, and what this evaluation drafted by
+    assert fresh["verify_s"] != stale["verify_s"] and done["new_verify_1_s"] == fresh["verify_s"]["1"]
+    assert rep["budget"]["costs"]["verify_s"] == fresh["verify_s"]
+    assert rep["budget"]["cost_check"]["modelled_step_s"] == fresh["verify_s"]["1"]
+    assert "costs      the cached cost model priced a 1-token target forward at" in res.output

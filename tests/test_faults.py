@@ -17,10 +17,10 @@ _spec = importlib.util.spec_from_file_location("faults", Path(__file__).resolve(
 faults = sys.modules.setdefault("faults", importlib.util.module_from_spec(_spec))
 _spec.loader.exec_module(faults)
 
-# Not here: the disk-full trial needs root for its tmpfs (test_store.py injects ENOSPC instead); the kills (a
-# writer holding a shard, target/ half written, training) need timing windows; their mechanisms are tested
-# directly (test_store.py: locks die with their process, dead writers' temporary files; test_train.py: the
-# resumed summary).
+# Not here: the disk-full trials need root for their tmpfs (test_store.py and test_train.py inject ENOSPC instead);
+# the kills (a writer holding a shard, target/ half written, training, training saving final/) and the moved store
+# need timing windows; their mechanisms are tested directly (test_store.py: locks die with their process, dead
+# writers' temporary files; test_train.py: the resumed summary, a dead writer's final.tmp-<pid>, a moved store).
 CI_TRIALS = [
     "deleted chunk -> train",
     "flipped chunk byte -> train",
@@ -36,6 +36,11 @@ CI_TRIALS = [
     "dead writers' .tmp-verify/.tmp-store/.tmp-shard",
     "empty, whitespace, [], UTF-16, 256 KB binary",
     "flipped byte in target weights",
+    "shard-00002 replaced by a copy of shard-00001",
+    "two shard directories swapped",
+    "two trainers, same --out, together",
+    "verify on a read-only store",
+    "extract --json while waiting for another writer's shard",
 ]
 
 

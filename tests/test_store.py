@@ -61,17 +61,20 @@ def sample(length: int, seed: int, fp: dict) -> dict[str, torch.Tensor]:
 
 
 def write_store(root, fp, lengths_per_shard, plan=None):
-    plan = plan or {"records": 4 * len(lengths_per_shard), "shards": len(lengths_per_shard), "shard_size": 4}
+    """Shard k holds records [k * size, (k + 1) * size) of the plan; its samples are the first of them (sample id =
+    record = selection index, as extraction writes them)."""
+    size = max(4, *map(len, lengths_per_shard))
+    plan = plan or {"records": size * len(lengths_per_shard), "shards": len(lengths_per_shard), "shard_size": size}
+    size = plan["shard_size"]
     w = st.StoreWriter(root, fp, plan, target())
     written = {}
-    sid = 0
     for shard, lengths in enumerate(lengths_per_shard):
-        sw = w.begin_shard(shard, (shard * 4, shard * 4 + 4))
-        for n in lengths:
+        sw = w.begin_shard(shard, (shard * size, min((shard + 1) * size, plan["records"])))
+        for j, n in enumerate(lengths):
+            sid = shard * size + j
             s = sample(n, sid, fp)
             assert sw.append(st.SampleMeta(sid, sid, f"r{sid}"), s)
             written[sid] = s
-            sid += 1
         sw.commit()
     return w, written
 
@@ -362,7 +365,7 @@ def test_disk_full_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
                               'space left on device" })')  # fmt: skip
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_save)
-    with pytest.raises(st.StoreError, match=r"\.tmp-target-.*: writing the target pieces failed: No space left"):
+    with pytest.raises(st.StoreError, match=r"s/target: writing the target pieces failed: No space left"):
         st.StoreWriter(tmp_path / "s", fp, plan, target())
     assert not list((tmp_path / "s").glob(".tmp-*"))
     monkeypatch.undo()
@@ -509,3 +512,66 @@ def test_direct_chunk_decode_equals_zarr(tmp_path, codec):
         for c in range(-(-arr.shape[0] // 16)):
             direct = r._decode_chunk(0, name, c)
             assert direct.shape[0] == 16 and np.array_equal(direct[: arr.shape[0] - 16 * c], arr[16 * c:16 * c + 16])
+
+
+def test_shards_are_bound_to_their_place(tmp_path):
+    """A copied, swapped or re-labelled shard is internally consistent; its commit record's shard number and
+    records, and the index's sample ids, bind it to its directory and the plan at every level."""
+    import shutil
+
+    import pyarrow as pa
+
+    from pipeline.store.format import _meta_json, _read_arrow
+    from pipeline.store.integrity import _write_commit_record
+
+    fp = fingerprint("float16", "none", chunk=16)
+    w, _ = write_store(tmp_path / "s", fp, [[10, 3], [8], [5]])
+
+    def damaged(name: str, change) -> tuple[list[str], str]:
+        root = tmp_path / name
+        shutil.copytree(tmp_path / "s", root)
+        change(root / st.SHARDS_DIR)
+        with pytest.raises(st.StoreError) as opened:
+            st.StoreReader(root)
+        return st.verify_store(root, write_result=False), str(opened.value)
+
+    def copy_0_over_2(shards):
+        shutil.rmtree(shards / "shard-00002")
+        shutil.copytree(shards / "shard-00000", shards / "shard-00002")
+
+    problems, opened = damaged("copied", copy_0_over_2)
+    assert problems == ["shard-00002: commit.arrow: the shard records itself as shard-00000, but lies in "
+                        "shard-00002/ (a copied, moved or swapped shard directory)"]  # fmt: skip
+    assert "shard-00002/commit.arrow" in opened and "shard 2 is damaged" in opened
+
+    def swap_0_1(shards):
+        (shards / "shard-00000").rename(shards / "x")
+        (shards / "shard-00001").rename(shards / "shard-00000")
+        (shards / "x").rename(shards / "shard-00001")
+
+    problems, opened = damaged("swapped", swap_0_1)
+    assert [p.split(":")[0] for p in problems] == ["shard-00000", "shard-00001"] and "shards 0-1 are damaged" in opened
+
+    def recommit(shard, meta_change=None, index_change=None):
+        """Rewrite a shard's commit record (after editing its index), as a writer with other ideas would."""
+        meta = _meta_json(_read_arrow(shard / st.COMMIT_FILE))
+        if index_change:
+            index = _read_arrow(shard / st.INDEX_FILE).to_pylist()
+            index_change(index)
+            table = pa.Table.from_pylist(index, schema=st.INDEX_SCHEMA)
+            with pa.OSFile(str(shard / st.INDEX_FILE), "wb") as f, pa.ipc.new_file(f, table.schema) as wr:
+                wr.write_table(table)
+        (shard / st.COMMIT_FILE).unlink()
+        _write_commit_record(shard, meta_change(meta) if meta_change else meta)
+
+    problems, _ = damaged("records", lambda shards: recommit(shards / "shard-00001",
+                                                             lambda m: {**m, "records": [0, 4]}))  # fmt: skip
+    assert problems == ["shard-00001: commit.arrow: holds records [0, 4), the plan gives shard-00001 [4, 8)"]
+
+    def twice(index):
+        index[1]["sample_id"] = index[0]["sample_id"]
+
+    problems, _ = damaged("ids", lambda shards: recommit(shards / "shard-00000", index_change=twice))
+    assert problems == ["shard-00000: index.arrow: sample ids 0..0 are not the shard's records [0, 4), each once"]
+    # extraction's own check (what decides a repair) sees the same
+    assert st.StoreWriter(tmp_path / "copied", fp, w.plan, target()).shard_state(2)[0] == "corrupt"

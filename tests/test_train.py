@@ -236,3 +236,79 @@ def test_compiled_layers_train_with_the_eager_losses(tiny_store, tmp_path):
     assert counters["stats"]["unique_graphs"] >= 2  # both blocks went through torch.compile
     assert len(runs[True]) == 3 and runs[True] != [0.0] * 3
     assert runs[True] == pytest.approx(runs[False], rel=1e-4, abs=1e-6)
+
+
+def test_one_writer_per_run_directory(tiny_store, tmp_path):
+    from pipeline.locks import FileLock
+
+    run = tmp_path / "held"
+    other = FileLock(run / ".train.lock")  # another writer (a lock conflicts within one process too)
+    assert other.acquire(blocking=False)
+    with pytest.raises(TrainError, match=rf"being written by another `pipeline train` \(pid {os.getpid()} on "):
+        train(TrainConfig(feats=str(tiny_store), out=str(run), max_steps=1, **FAST))
+    assert sorted(p.name for p in run.iterdir()) == [".train.lock"]  # the refused run wrote nothing
+    other.release()
+    s = train(TrainConfig(feats=str(tiny_store), out=str(run), max_steps=1, **FAST))
+    assert s["steps"] == 1 and FileLock(run / ".train.lock").is_free()  # released when the run ends
+
+
+def test_full_disk_while_saving_is_one_line_and_the_run_resumes(tiny_store, tmp_path, monkeypatch):
+    """A full disk while training writes final/ (safetensors) or a checkpoint (torch's zip writer): one `error:`
+    line naming the file, exit 2, nothing half written kept; the run resumes from a moved store (same
+    fingerprint) and ends as a run that never failed."""
+    import safetensors.torch
+    from click.testing import CliRunner
+    from safetensors import SafetensorError
+
+    from pipeline.cli import main as cli
+    from pipeline.train import rundir
+
+    store = tmp_path / "store-a"
+    shutil.copytree(tiny_store, store)
+    run = tmp_path / "run"
+    args = ["train", "--feats", str(store), "--out", str(run), "--tokens-per-batch", "512", "--lr", "3e-3",
+            "--max-steps", "4", "--save-every", "2", "--no-progress"]  # fmt: skip
+
+    def full_save(*a, **k):
+        Path(a[1]).write_bytes(b"\0" * 100)  # what a full disk leaves: a partial file
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")  # fmt: skip
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_save)
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2, res.output
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"error: {run / 'final' / 'model.safetensors'}: saving the final/ weights failed: "
+                                "No space left on device; free space on that file system, then re-run the same "
+                                "`pipeline train` command"), lines[-1]  # fmt: skip
+    assert not list(run.glob("final*")) and not (run / "summary.json").exists()
+    monkeypatch.undo()
+
+    (run / "final.tmp-999999").mkdir()  # what a writer killed while saving final/ leaves
+    (run / "final.tmp-999999" / "model.safetensors").write_bytes(b"\0" * 4096)
+    moved = tmp_path / "store-b"
+    store.rename(moved)
+    args[2] = str(moved)
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "moved since the run started" in res.stdout and "cleaned          1 temporary file(s)" in res.stdout
+    assert not (run / "final.tmp-999999").exists() and (run / "final" / "model.safetensors").exists()
+    whole = tmp_path / "whole"
+    train(TrainConfig(feats=str(tiny_store), out=str(whole), max_steps=4, save_every=2, **FAST))
+    assert losses(run) == losses(whole)
+    a, b = load_run(whole)[0].state_dict(), load_run(run)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def full_torch_save(*a, **k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1234 vs 1180")
+
+    monkeypatch.setattr(torch, "save", full_torch_save)
+    monkeypatch.setattr(rundir, "_free_bytes", lambda path: 0)
+    run2 = tmp_path / "run2"
+    args[4] = str(run2)
+    res = CliRunner().invoke(cli, args)
+    monkeypatch.undo()
+    assert res.exit_code == 2, res.output
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        f"error: {run2 / 'checkpoints' / 'step2'}: saving checkpoint step2 failed: No space left on device; free "
+        "space on that file system")  # fmt: skip

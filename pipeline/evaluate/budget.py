@@ -187,6 +187,20 @@ def check_costs(costs: CostModel, records: list[dict]) -> dict | None:
             "stale": not STALE_RANGE[0] <= ratio <= STALE_RANGE[1]}  # fmt: skip
 
 
+def probe_costs(target, prompt: torch.Tensor, costs: CostModel, tokens: int = 32, reps: int = 2) -> dict | None:
+    """:func:`check_costs` against a plain greedy decoding of ``tokens`` new tokens after ``prompt`` (no stop token;
+    the fastest of ``reps``, so the first may warm up): a cost model measured under another load is found before
+    the evaluation drafts by it, in about ``reps x tokens`` target forwards."""
+    from pipeline.evaluate.target import target_generate
+
+    best = None
+    for _ in range(reps):
+        g = target_generate(target, prompt, tokens, set(), 0.0)
+        best = g if best is None or g.wall_s < best.wall_s else best
+    return check_costs(costs, [{"baseline": {"target_forwards": best.target_forwards, "wall_s": best.wall_s,
+                                             "prefill_s": best.prefill_s}}])  # fmt: skip
+
+
 def load_costs(target, drafter, dtype: str, path: str | Path | None = None, recalibrate: bool = False) -> CostModel:
     """The cost model from ``path`` (a JSON file written by an earlier run), else the per-machine cache, measuring
     (and caching) it when absent or when ``recalibrate``."""

@@ -170,6 +170,7 @@ def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: s
         from pipeline.evaluate.budget import Budget, load_costs
 
         budget = Budget(load_costs(target, drafter, f"{dtype}-{linears}", costs, recalibrate))
+        recalibrated = _recheck_costs(budget, target, drafter, tokenizer, conversations, f"{dtype}-{linears}", costs)
     elif policy != "fixed":
         raise ValueError(f"policy must be adaptive|fixed, not {policy!r}")
     baselines = BASELINES if baselines is None else baselines
@@ -188,11 +189,31 @@ def evaluate(draft_dir: str | Path, *, model: str | Path | None = None, bench: s
     if budget is not None:
         from pipeline.evaluate.budget import check_costs
 
-        report["budget"] = {**budget.report(), "cost_check": check_costs(budget.costs, records)}
+        report["budget"] = {**budget.report(), "cost_check": check_costs(budget.costs, records),
+                            "recalibrated": recalibrated}  # fmt: skip
     if report_path is None:
         report_path = Path(f"eval-{Path(draft_dir).resolve().name}-{mode}.json")
     path, png = write_report(report, report_path)
     return report, path, png
+
+
+def _recheck_costs(budget, target, drafter, tokenizer, conversations, key: str, costs_file) -> dict | None:
+    """Time a short plain decoding of the first prompt against the cost model; a stale model (cached under another
+    load) is measured again, cached, and drafted by in this evaluation. Returns what was found and done (None: the
+    model held, or it came from an explicit --costs file, which is checked at the end but never replaced)."""
+    import torch
+
+    from pipeline.evaluate.budget import load_costs, probe_costs
+    from pipeline.evaluate.runner import first_prompt
+
+    if costs_file is not None or not conversations:
+        return None
+    prompt = torch.tensor(first_prompt(tokenizer, conversations), device=drafter.device)
+    check = probe_costs(target, prompt, budget.costs)
+    if check is None or not check["stale"]:
+        return None
+    budget.costs = load_costs(target, drafter, key, recalibrate=True)
+    return {"probe": check, "old_verify_1_s": check["modelled_step_s"], "new_verify_1_s": budget.costs.verify(1)}
 
 
 def evaluate_with_vllm(draft_dir: str | Path, *, model: str | Path | None = None, bench: str | None = None,

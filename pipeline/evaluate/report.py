@@ -127,10 +127,24 @@ def cost_warning(report: dict[str, Any]) -> str | None:
     check = report.get("budget", {}).get("cost_check")
     if not check or not check["stale"]:
         return None
+    if report["budget"].get("recalibrated"):
+        return (f"the cost model, measured again before this evaluation, prices a 1-token target forward at "
+                f"{1e3 * check['modelled_step_s']:.1f} ms, and this run's plain decoding took "
+                f"{1e3 * check['observed_step_s']:.1f} ms per step: the machine's load changed during the run")
     return (f"the cost model prices a 1-token target forward at {1e3 * check['modelled_step_s']:.1f} ms, this run's "
             f"plain decoding took {1e3 * check['observed_step_s']:.1f} ms per step: it was probably measured under "
             f"another load, so drafting weighed wrong costs; `pipeline eval --recalibrate` measures it again (or "
             f"delete the cached models in $PIPELINE_CACHE/costs/)")  # fmt: skip
+
+
+def recalibration_note(report: dict[str, Any]) -> str | None:
+    """A line for a report whose cached cost model was found stale before drafting and measured again."""
+    done = report.get("budget", {}).get("recalibrated")
+    if not done:
+        return None
+    return (f"the cached cost model priced a 1-token target forward at {1e3 * done['old_verify_1_s']:.1f} ms, a plain "
+            f"decoding step took {1e3 * done['probe']['observed_step_s']:.1f} ms here: measured again "
+            f"({1e3 * done['new_verify_1_s']:.1f} ms), cached, and used for this evaluation")  # fmt: skip
 
 
 def format_summary(report: dict[str, Any]) -> str:
@@ -167,6 +181,8 @@ def format_summary(report: dict[str, Any]) -> str:
         d = report["budget"]["decisions"]
         lines.append(f"budget     cost-aware drafting: {d['skipped']} of {d['rounds']} rounds drafted nothing, "
                      f"{d['verified_drafts']} drafted tokens verified")  # fmt: skip
+        if note := recalibration_note(report):
+            lines.append(f"costs      {note}")
         if warning := cost_warning(report):
             lines.append(f"warning    {warning}")
     return "\n".join(lines)

@@ -98,6 +98,12 @@ def run_turn(target, drafter: Drafter, prompt_ids: list[int], settings: DraftSet
     return kept.pop("spec"), kept.pop("plain"), kept
 
 
+def first_prompt(tokenizer, conversations: list[Conversation]) -> list[int]:
+    """Token ids of the first conversation's first question (what warm-ups and probes decode)."""
+    first = conversations[0]
+    return render(tokenizer, first.messages or [{"role": "user", "content": first.turns[0]}])
+
+
 def run_eval(target, tokenizer, drafter: Drafter, conversations: list[Conversation], settings: DraftSettings,
              max_new_tokens: int, stop_ids: set[int], seed: int = 0, progress: bool = True,
              warmup: bool = True, budget: Budget | None = None,
@@ -106,9 +112,8 @@ def run_eval(target, tokenizer, drafter: Drafter, conversations: list[Conversati
     after the speculative decoder's own answer (identical to the target's in greedy mode). ``budget`` learns across
     the whole run."""
     if warmup:  # first calls pay for allocator/kernel setup; keep that out of every timing
-        first = conversations[0]
-        ids = render(tokenizer, first.messages or [{"role": "user", "content": first.turns[0]}])
-        run_turn(target, drafter, ids, settings, min(8, max_new_tokens), stop_ids, seed, None, baselines)
+        run_turn(target, drafter, first_prompt(tokenizer, conversations), settings, min(8, max_new_tokens), stop_ids,
+                 seed, None, baselines)  # fmt: skip
     records = []
     for ci, conv in enumerate(tqdm(conversations, desc="eval", unit="prompt", disable=not progress)):
         history = list(conv.messages)

@@ -334,7 +334,9 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
             if lock is None and not wait:
                 return None
             if lock is None:
-                tqdm.write(f"shard {shard}: waiting for {writer.claim_holder(shard)}, which is writing it")
+                # progress and waiting on stderr: stdout holds the summary only (`--json` must parse)
+                tqdm.write(f"shard {shard}: waiting for {writer.claim_holder(shard)}, which is writing it",
+                           file=sys.stderr)  # fmt: skip
                 lock = writer.claim(shard, blocking=True)
             state, problems = writer.shard_state(shard, full=shard in flagged)
             if state == "committed":
@@ -344,7 +346,8 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
             if state == "corrupt":
                 dest = writer.set_aside(shard, problems)
                 repaired.append({"shard": shard, "problem": problems[0], "set_aside": str(dest)})
-                tqdm.write(f"shard {shard}: failed its check ({problems[0]}); set aside as {dest.name}, redoing it")
+                tqdm.write(f"shard {shard}: failed its check ({problems[0]}); set aside as {dest.name}, redoing it",
+                           file=sys.stderr)  # fmt: skip
             return lock
 
         loop_t0 = time.time()

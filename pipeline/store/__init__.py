@@ -30,6 +30,7 @@ from pipeline.store.dtypes import (  # noqa: F401
 from pipeline.store.errors import (  # noqa: F401
     RERUN,
     StoreError,
+    as_os_error,
     io_error_message,
 )
 from pipeline.store.format import (  # noqa: F401

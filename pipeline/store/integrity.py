@@ -28,6 +28,7 @@ from pipeline.store.format import (
     _write_arrow,
     chunk_key,
     sha256_file,
+    shard_name,
 )
 
 
@@ -107,12 +108,38 @@ def _unlisted(root: Path, files: dict) -> list[str]:
     return [f"{rel}: file not in the commit record" for rel in sorted(present - set(files))]
 
 
-def open_shard(path: Path, store_digest: str, fields: dict, full: bool = False) -> tuple[ShardInfo | None, list[str]]:
+def _placement_problems(number: int, stats: dict, sample_ids: np.ndarray, plan: dict | None) -> list[str]:
+    """A shard is bound to its place: its commit record names the shard number of its directory and the records
+    (selection indices = sample ids) the plan gives that shard, and its index holds sample ids of those records
+    only, each once. A copied, moved or swapped shard directory is internally consistent; only this finds it."""
+    recorded = stats.get("shard")
+    if recorded is not None and recorded != number:
+        return [f"{COMMIT_FILE}: the shard records itself as {shard_name(recorded)}, but lies in {shard_name(number)}/ "
+                "(a copied, moved or swapped shard directory)"]  # fmt: skip
+    records = stats.get("records")
+    if plan is not None and records is not None:
+        size, total = int(plan["shard_size"]), int(plan["records"])
+        planned = [number * size, min((number + 1) * size, total)]
+        if list(records) != planned:
+            return [f"{COMMIT_FILE}: holds records [{records[0]}, {records[1]}), the plan gives {shard_name(number)} "
+                    f"[{planned[0]}, {planned[1]})"]  # fmt: skip
+    if records is not None and len(sample_ids):
+        outside = (sample_ids < records[0]) | (sample_ids >= records[1])
+        if outside.any() or len(np.unique(sample_ids)) != len(sample_ids):
+            bad = sample_ids[outside] if outside.any() else sample_ids
+            return [f"{INDEX_FILE}: sample ids {int(bad.min())}..{int(bad.max())} are not the shard's records "
+                    f"[{records[0]}, {records[1]}), each once"]  # fmt: skip
+    return []
+
+
+def open_shard(path: Path, store_digest: str, fields: dict, full: bool = False,
+               plan: dict | None = None) -> tuple[ShardInfo | None, list[str]]:  # fmt: skip
     """Check one committed shard and load its small files. Without ``full`` (opening for training: milliseconds
     per shard) every listed file must exist with its recorded size and the small ones (array metadata, index,
     counts) are re-hashed; the index must tile arrays whose shapes and chunk files match the fingerprint. ``full``
-    (`verify`) re-hashes the chunks too, looks for unlisted files and recounts the loss mask. Problems are
-    strings relative to the shard directory; the info is None when there are any."""
+    (`verify`) re-hashes the chunks too, looks for unlisted files and recounts the loss mask. At every level the
+    shard must be the one its directory names, holding the records ``plan`` gives it (:func:`_placement_problems`).
+    Problems are strings relative to the shard directory; the info is None when there are any."""
     try:
         stats, files = _commit_rows(path / COMMIT_FILE)
     except StoreError:
@@ -120,6 +147,9 @@ def open_shard(path: Path, store_digest: str, fields: dict, full: bool = False) 
     if stats.get("fingerprint_digest") != store_digest:
         return None, [f"{FOREIGN_SHARD} {stats.get('fingerprint_digest')}, but {STORE_FILE} records {store_digest} "
                       "(the shard belongs to another extraction, or store.arrow was edited)"]  # fmt: skip
+    number = _shard_number(path)
+    if stats.get("shard") is not None and stats["shard"] != number:  # a copied or swapped directory: say only that
+        return None, _placement_problems(number, stats, np.zeros(0, np.int64), plan)
     problems = _file_problems(path, files, lambda rel: full or not _is_chunk(rel))
     if full:
         problems += _unlisted(path, files)
@@ -132,6 +162,7 @@ def open_shard(path: Path, store_digest: str, fields: dict, full: bool = False) 
         idx = {c: index[c].to_numpy(zero_copy_only=False) for c in index.column_names}
         offsets, lengths = idx["offset"].astype(np.int64), idx["length"].astype(np.int64)
         loss = idx["loss_tokens"].astype(np.int64)
+        sample_ids = idx["sample_id"].astype(np.int64)
     except KeyError as e:
         return None, [f"{INDEX_FILE}: column {e} missing"]
     total = int(lengths.sum())
@@ -140,6 +171,7 @@ def open_shard(path: Path, store_digest: str, fields: dict, full: bool = False) 
                         f"{int((lengths < 1).sum())} empty samples)")  # fmt: skip
     if len(loss) and (loss.min() < 0 or (loss > lengths).any()):
         problems.append(f"{INDEX_FILE}: loss_tokens outside [0, length]")
+    problems += _placement_problems(number, stats, sample_ids, plan)
     if stats.get("tokens") != total or stats.get("samples") != len(lengths):
         problems.append(f"{INDEX_FILE}: {len(lengths)} samples/{total} tokens, commit says "
                         f"{stats.get('samples')}/{stats.get('tokens')}")  # fmt: skip
@@ -154,7 +186,7 @@ def open_shard(path: Path, store_digest: str, fields: dict, full: bool = False) 
             problems.append(f"{INDEX_FILE}: loss_tokens disagree with tensors/loss_mask")
     if problems:
         return None, problems
-    return ShardInfo(_shard_number(path), path, stats, idx, arrays, files), []
+    return ShardInfo(number, path, stats, idx, arrays, files), []
 
 
 def tensor_layout(sizes: dict[str, int], read_json: Callable[[str], dict], fields: dict,

@@ -69,7 +69,7 @@ class StoreReader:
         for path in sorted((self.root / SHARDS_DIR).glob("shard-*")):
             if not (path / COMMIT_FILE).exists():
                 continue
-            info, problems = open_shard(path, self.digest, self.arrays)
+            info, problems = open_shard(path, self.digest, self.arrays, plan=self.plan)
             if problems:
                 self.bad_shards[_shard_number(path)] = problems
             else:
@@ -105,7 +105,9 @@ class StoreReader:
         if self.bad_shards:
             shard, problems = next(iter(self.bad_shards.items()))
             total = sum(len(p) for p in self.bad_shards.values())
-            raise StoreError(f"{self.root / SHARDS_DIR / shard_name(shard)}/{problems[0]}: shard {shard} is damaged "
+            which = (f"shard {shard} is damaged" if len(self.bad_shards) == 1 else
+                     f"shards {_ranges(sorted(self.bad_shards))} are damaged")  # fmt: skip
+            raise StoreError(f"{self.root / SHARDS_DIR / shard_name(shard)}/{problems[0]}: {which} "
                              f"({total} problem(s) in {len(self.bad_shards)} shard(s): `pipeline verify {self.root}` "
                              "lists them); re-run the same `pipeline extract` to redo it")  # fmt: skip
 

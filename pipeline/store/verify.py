@@ -55,7 +55,7 @@ def verify_store(root: str | os.PathLike, write_result: bool = True) -> list[str
         except StoreError:
             problems.append(f"{path.name}: unexpected directory in {SHARDS_DIR}/")
             continue
-        problems += [f"{path.name}: {p}" for p in open_shard(path, meta["fingerprint_digest"], fields, full=True)[1]]
+        problems += [f"{path.name}: {p}" for p in open_shard(path, meta["fingerprint_digest"], fields, full=True, plan=meta["plan"])[1]]
     for m in sorted(set(range(meta["plan"]["shards"])) - seen):
         problems.append(f"{shard_name(m)}: not committed (store incomplete)")
     if write_result:
@@ -74,7 +74,10 @@ def record_verify(root: str | os.PathLike, problems: list[str]) -> None:
             _write_arrow(tmp, table)
             os.replace(tmp, root / VERIFY_FILE)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system (EROFS even for a file that was never created)
+            pass
 
 
 def bad_shards_of(problems: list[str]) -> set[int]:

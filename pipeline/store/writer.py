@@ -129,7 +129,7 @@ class StoreWriter:
                                                "code_version": __version__})],
             })  # fmt: skip
             try:
-                with _writing(tmp, "writing the store metadata"):
+                with _writing(self.root / STORE_FILE, "writing the store metadata"):
                     _write_arrow(tmp, table)
                     with open(tmp, "rb") as f:
                         os.fsync(f.fileno())
@@ -185,7 +185,7 @@ class StoreWriter:
             self.repaired_target = problems
         tmp = self.root / f"{TMP_PREFIX}{TARGET_DIR}-{socket.gethostname()}-{os.getpid()}"
         try:
-            with _writing(tmp, "writing the target pieces"):
+            with _writing(self.root / TARGET_DIR, "writing the target pieces"):
                 tmp.mkdir()
                 (tmp / "config.json").write_text(json.dumps(target.config, indent=2, sort_keys=True))
                 save_file({k: v.detach().cpu().contiguous() for k, v in target.weights.items()},
@@ -209,7 +209,7 @@ class StoreWriter:
             return "absent", []
         if not (path / COMMIT_FILE).exists():  # not made by the commit protocol; it would block the rename
             return "corrupt", [f"{COMMIT_FILE}: missing (the directory is not a committed shard)"]
-        _, problems = open_shard(path, self.digest, self.arrays, full=full)
+        _, problems = open_shard(path, self.digest, self.arrays, full=full, plan=self.plan)
         foreign = [p for p in problems if p.startswith(FOREIGN_SHARD)]
         if foreign:
             raise StoreError(f"{path}: {foreign[0]}")
@@ -320,7 +320,8 @@ class ShardWriter:
         return self.written_rows + self.pending_rows
 
     def _writing(self, what: str):
-        return _writing(self.tmp, f"{what} (shard {self.shard})")
+        # named by where the shard goes: its temporary directory is gone once the failure is reported
+        return _writing(self.store.shard_dir(self.shard), f"{what} (shard {self.shard})")
 
     def skip(self, source_index: int, record_id: str, reason: str, detail: str = "") -> None:
         self.skipped[reason] += 1
@@ -387,9 +388,13 @@ class ShardWriter:
         self.written_rows += rows
 
     def _wait_writes(self) -> None:
+        """Wait for every write in flight, then re-raise the first that failed (disk full, ...) in this thread. All
+        of them: a write still running after an abort removed the directory would create it again (Zarr makes the
+        chunk's parent directories), leaving a temporary directory of a dead writer behind."""
         writes, self.writes = self.writes, []
-        for fut in writes:
-            fut.result()  # re-raises a failed write (disk full, ...) in the committing thread
+        failed = [e for e in (fut.exception() for fut in writes) if e is not None]
+        if failed:
+            raise failed[0]
 
     def _raise_failed_writes(self) -> None:
         # a pooled write that already failed (disk full) stops the shard at the next append, not only at commit;

@@ -7,6 +7,9 @@ import os
 import warnings
 from pathlib import Path
 
+from pipeline.store import TMP_PREFIX
+from pipeline.train.rundir import writing
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -21,17 +24,20 @@ class MetricsLog:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]  # fmt: skip
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [json.dumps(r, sort_keys=True) for r in _records(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path.with_name(f".{METRICS_FILE}{TMP_PREFIX}{os.getpid()}")
+            with writing(self.path, "keeping the records up to the resumed step"):
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, self.path)
         elif resume_step is None and self.path.exists():
-            self.path.unlink()  # a fresh run in a directory without checkpoints
+            with writing(self.path, "removing the records of a run that never checkpointed"):
+                self.path.unlink()  # a fresh run in a directory without checkpoints
         self.wandb = _start_wandb(run_dir, wandb_project, config)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with writing(self.path, f"appending the step {record.get('step')} record"), open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
@@ -55,9 +61,20 @@ def _start_wandb(run_dir: Path, project: str | None, config: dict):
         return None
 
 
+def _records(path: Path) -> list[dict]:
+    """The complete records of a metrics file; a line cut short (a full disk, a kill mid-write) is left out."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return _records(path) if path.exists() else []
 
 
 def plot_curves(run_dir: Path, out: Path) -> Path:

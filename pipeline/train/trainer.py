@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,12 +34,15 @@ from pipeline.train.loader import (
     split_samples,
 )
 from pipeline.train.metrics import MetricsLog, plot_curves
+from pipeline.train.rundir import TrainError, claim, clean_leftovers, write_json, writing
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
 CKPT_DIR = "checkpoints"
-# Changing these between a run and its resume does not change what is computed.
-RESUME_FREE = {"resume", "wandb_project", "progress", "log_every", "verify_checksums", "integrity"}
+# Changing these between a run and its resume does not change what is computed. The store is identified by its
+# fingerprint digest (checked apart), not by where it lies: a moved (or re-extracted) store resumes; so does a run
+# directory named by another path.
+RESUME_FREE = {"resume", "wandb_project", "progress", "log_every", "verify_checksums", "integrity", "feats", "out"}
 # How much of the store is checked before (and while) it is read; README "Integrity" says what each costs.
 INTEGRITY_LEVELS = ("open", "read", "full")
 # What a run recorded before these fields existed did: compared in their place when resuming such a run.
@@ -94,10 +98,6 @@ class TrainConfig:
         return EngineConfig(lr=self.lr, warmup_steps=warmup, total_steps=total_steps, grad_accum=self.grad_accum,
                             clip=self.clip, weight_decay=self.weight_decay, zero_stage=self.zero_stage,
                             precision=self.precision, user_config=self.deepspeed)  # fmt: skip
-
-
-class TrainError(RuntimeError):
-    """A run that cannot start as asked; the message says why and what to do."""
 
 
 def open_store(cfg: TrainConfig) -> StoreReader:
@@ -172,9 +172,39 @@ def _check_run_dir(cfg: TrainConfig, run_dir: Path, fingerprint_digest: str) -> 
     return True
 
 
+def _moved_store(run_dir: Path, cfg: TrainConfig) -> str | None:
+    """Where the store lay when the run started, if it lies elsewhere now (same fingerprint: it resumes)."""
+    recorded = json.loads((run_dir / CONFIG_FILE).read_text()).get("store")
+    now = str(Path(cfg.feats).resolve())
+    return recorded if recorded and recorded != now else None
+
+
 def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     # Per-step RNG from (seed, step, micro, rank): noise is identical with or without a resume in between.
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+
+def _claim_run_dir(run_dir: Path, rank: int, world: int):
+    """Rank 0 takes the run directory's writer lock and removes what dead writers left; every rank learns whether
+    it got the lock (so that all stop together when another run holds it). Returns (lock or None, removed)."""
+    lock, removed, refusal = None, [], None
+    if rank == 0:
+        try:
+            with writing(run_dir, "creating the run directory"):
+                run_dir.mkdir(parents=True, exist_ok=True)
+            lock = claim(run_dir)
+            removed = clean_leftovers(run_dir)
+        except TrainError as e:
+            refusal = str(e)
+    if world > 1:
+        shared = [refusal]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        refusal = shared[0]
+    if refusal is not None:
+        if lock is not None:
+            lock.release()
+        raise TrainError(refusal)
+    return lock, removed
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -183,9 +213,21 @@ def train(cfg: TrainConfig) -> dict:
     fields_needed = variants.required_fields(cfg)
     cfg.shuffle = resolve_shuffle(cfg.shuffle, reader, fields_needed)  # recorded resolved: resume compares it
     run_dir = Path(cfg.out)
+    lock, removed = _claim_run_dir(run_dir, rank, world)
+    try:
+        return _train(cfg, reader, run_dir, removed, rank, world, device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, reader: StoreReader, run_dir: Path, removed: list[str], rank: int, world: int,
+           device: torch.device) -> dict:  # fmt: skip
+    fields_needed = variants.required_fields(cfg)
     resuming = _check_run_dir(cfg, run_dir, reader.digest)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    if removed:
+        tqdm.write(f"cleaned {len(removed)} temporary file(s) of dead writers in {run_dir}: {', '.join(removed)}",
+                   file=sys.stderr)  # fmt: skip
 
     train_idx, val_idx = split_samples(reader, cfg.val_fraction, cfg.seed)
     loader = PackedLoader(reader, train_idx, fields_needed, cfg.tokens_per_batch, cfg.seed, rank, world, cfg.packing,
@@ -217,12 +259,14 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_rng_state(client["rng"]["torch"])
         np.random.set_state(client["rng"]["numpy"])
     elif rank == 0:
-        (run_dir / CONFIG_FILE).write_text(json.dumps(record, indent=2, default=str))
+        write_json(run_dir / CONFIG_FILE, record)
+    moved = _moved_store(run_dir, cfg) if resuming and rank == 0 else None
     log = MetricsLog(run_dir, step if resuming else None, cfg.wandb_project, record, enabled=rank == 0)
     if rank == 0:
         log.log({"kind": "info", "step": step, "resumed": resuming, "packing_waste": waste,
                  "packs_per_epoch": packs_per_epoch, "train_samples": len(train_idx), "val_samples": len(val_idx),
-                 "shuffle": cfg.shuffle, "loader_cache_bytes": loader.cache_bytes(),
+                 "shuffle": cfg.shuffle, "loader_cache_bytes": loader.cache_bytes(), "cleaned_leftovers": removed,
+                 **({"store_moved_from": moved} if moved else {}),
                  **{k: v for k, v in build_info.items() if isinstance(v, (int, float))}})  # fmt: skip
 
     val_batches = _val_batches(reader, val_idx, fields_needed, cfg, rank, world)
@@ -277,7 +321,8 @@ def train(cfg: TrainConfig) -> dict:
                     best_tau = val["tau"]
                     _save_weights(engine, run_dir / "best", cfg, build_info, {"step": step, **val}, rank)
             if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
-                engine.save(run_dir / CKPT_DIR, f"step{step}", client, cfg.keep_last)
+                with writing(run_dir / CKPT_DIR / f"step{step}", f"saving checkpoint step{step}"):
+                    engine.save(run_dir / CKPT_DIR, f"step{step}", client, cfg.keep_last)
     finally:
         prefetch.close()
         bar.close()
@@ -285,11 +330,13 @@ def train(cfg: TrainConfig) -> dict:
     summary = {"steps": step, "total_steps": total_steps, "start_step": start_step,
                "wall_s": round(time.time() - started, 2),
                "first": first, "last": last, "packing_waste": waste, "best_val_tau": best_tau if val_batches else None,
-               "world_size": world, "rank": rank, "run_dir": str(run_dir)}  # fmt: skip
+               "world_size": world, "rank": rank, "run_dir": str(run_dir), "cleaned_leftovers": removed,
+               "store_moved_from": moved}  # fmt: skip
     if rank == 0:
         log.close()
-        plot_curves(run_dir, run_dir / "curves.png")
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+        with writing(run_dir / "curves.png", "plotting the training curves"):
+            plot_curves(run_dir, run_dir / "curves.png")
+        write_json(run_dir / SUMMARY_FILE, summary)  # last: its presence marks the run finished
     engine.barrier()
     return summary
 
@@ -326,17 +373,22 @@ def _save_weights(engine: Engine, out: Path, cfg: TrainConfig, build_info: dict,
     state = engine.full_state_dict()
     if rank == 0:
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
-        (tmp / "draft.json").write_text(json.dumps({"variant": cfg.variant, "draft": build_info, "train": asdict(cfg),
-                                                    "code_version": __version__}, indent=2, default=str))  # fmt: skip
-        (tmp / f"{out.name}.json").write_text(json.dumps(meta, indent=2, default=str))
-        old = out.with_name(out.name + ".old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            with writing(out / "model.safetensors", f"saving the {out.name}/ weights"):
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+                (tmp / "draft.json").write_text(json.dumps({"variant": cfg.variant, "draft": build_info,
+                                                            "train": asdict(cfg), "code_version": __version__},
+                                                           indent=2, default=str))  # fmt: skip
+                (tmp / f"{out.name}.json").write_text(json.dumps(meta, indent=2, default=str))
+                old = out.with_name(out.name + ".old")
+                if out.exists():
+                    os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing half written behind
     engine.barrier()
 
 
