@@ -15,6 +15,15 @@ from pipeline.options import DTYPE_NAMES, defaults, short_dtype
 from pipeline.train.trainer import TrainConfig
 
 
+def _projection(value: str) -> int | str | None:
+    """``--aux-projection``: auto, none or a positive k."""
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"{value!r}: expected auto, none or a positive integer k", param_hint="--aux-projection")
+    return int(value)
+
+
 def _ints(value: str | None) -> list[int] | None:
     if not value:
         return None
@@ -114,6 +123,10 @@ def main() -> None:
               help="Storage dtype of the hidden states; fp8 = float8 e4m3 with one fp32 scale per token row.")
 @click.option("--logprob-dtype", type=click.Choice(["fp32", "fp16"]), default=short_dtype(EXTRACT["logprob_dtype"]), show_default=True,
               help="Storage dtype of the top-k log-probabilities.")
+@click.option("--aux-projection", default=EXTRACT["aux_projection"], show_default=True,
+              help="EAGLE-3 features stored as P·x, P = their top-k principal directions: auto (k = H), none, or k.")
+@click.option("--calibration-tokens", type=int, default=EXTRACT["calibration_tokens"], show_default=True,
+              help="Tokens of the selection's first records that estimate the projection.")
 @click.option("--for", "stored_for", type=click.Choice(["both", "eagle1", "eagle3"]), default=EXTRACT["stored_for"],
               show_default=True, help="eagle1 keeps only the last hidden state, eagle3 only the aux layers.")  # fmt: skip
 @click.option("--aux-layers", default=EXTRACT["aux_layers"], help="HF hidden-state indices for EAGLE-3 (default 2,N//2,N-3).")
@@ -157,6 +170,7 @@ def extract(**kw) -> None:
         out=kw["out"], model=kw["model"], data=kw["data"], kind=kw["kind"], offset=kw["offset"], limit=kw["limit"],
         ids_file=kw["ids_file"], max_length=kw["max_length"], top_k=kw["top_k"], hidden_dtype=dtype,
         logprob_dtype=DTYPE_NAMES[kw["logprob_dtype"]], io_workers=kw["io_workers"],
+        aux_projection=_projection(kw["aux_projection"]), calibration_tokens=kw["calibration_tokens"],
         stored_for=kw["stored_for"], aux_layers=_ints(kw["aux_layers"]), shard_size=kw["shard_size"],
         chunk_tokens=kw["chunk_tokens"], codec=kw["codec"], batch_tokens=kw["batch_tokens"], device=kw["device"],
         compute_dtype=compute_dtype, backend=kw["backend"], rank=kw["rank"], world_size=kw["world_size"], progress=not kw["no_progress"],
