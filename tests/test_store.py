@@ -395,7 +395,7 @@ def test_disk_full_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
     def full_write(path, table):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(st, "_write_arrow", full_write)
+    monkeypatch.setattr("pipeline.store.verify._write_arrow", full_write)
     problems = st.verify_store(tmp_path / "s", write_result=False)
     assert problems == ["shard-00000: not committed (store incomplete)"]
     with pytest.raises(st.StoreError, match="recording the verify result failed: No space left on device"):
@@ -457,7 +457,7 @@ def test_uint16_ids_refuse_out_of_range(tmp_path):
 def test_format_1_stores_still_read(tmp_path, monkeypatch):
     fp = fingerprint("bfloat16", "zstd", chunk=16)
     fp["format_version"] = 1
-    monkeypatch.setattr(st, "FORMAT_VERSION", 1)  # what the previous code wrote: same layout, int32 ids
+    monkeypatch.setattr("pipeline.store.writer.FORMAT_VERSION", 1)  # what the previous code wrote: same layout, int32 ids
     _, written = write_store(tmp_path / "s", fp, [[5, 30], [12]])
     monkeypatch.undo()
     r = st.StoreReader(tmp_path / "s")

@@ -1,0 +1,84 @@
+"""Re-encoding a complete store (``pipeline convert``) without running the target."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from pipeline.store.dtypes import _PRECISION, HIDDEN_DTYPES, LOGPROB_DTYPES, topk_ids_dtype
+from pipeline.store.errors import StoreError
+from pipeline.store.format import FORMAT_VERSION, SampleMeta, TargetPieces
+from pipeline.store.inspect import inspect_store
+from pipeline.store.reader import StoreReader
+from pipeline.store.writer import StoreWriter
+
+
+def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dtype: str | None = None,
+                   codec: str | None = None, logprob_dtype: str | None = None, io_workers: int | None = None,
+                   progress: bool = False) -> dict:  # fmt: skip
+    """Write a complete store again with other storage dtypes / codec, without running the target.
+
+    Samples go through the same :class:`ShardWriter` as extraction (casts, fp8 quantization, chunking, commits)
+    and the fingerprint is the source's with ``dtypes``/``sharding.codec``/``format_version`` replaced, so the
+    result is what ``pipeline extract`` with those flags writes whenever the source holds the values the target
+    computed (stored in its compute dtype or wider). Precision only goes down (fp32 -> bf16/fp16 -> fp8);
+    re-running resumes (committed shards are kept). Returns ``inspect_store(dst)``.
+    """
+    from tqdm import tqdm
+
+    reader = StoreReader(src)
+    fp = json.loads(json.dumps(reader.fingerprint))
+    old_hidden, old_lp = fp["dtypes"]["hidden"], fp["dtypes"]["topk_logprobs"]
+    hidden_dtype, logprob_dtype = hidden_dtype or old_hidden, logprob_dtype or old_lp
+    if hidden_dtype not in HIDDEN_DTYPES:
+        raise StoreError(f"hidden dtype {hidden_dtype!r}: choose one of {', '.join(HIDDEN_DTYPES)}")
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise StoreError(f"log-prob dtype {logprob_dtype!r}: choose one of {', '.join(LOGPROB_DTYPES)}")
+    if _PRECISION[hidden_dtype] > _PRECISION[old_hidden] or (hidden_dtype != old_hidden and
+                                                             _PRECISION[hidden_dtype] == _PRECISION[old_hidden]):
+        raise StoreError(f"{src}: hidden states are stored as {old_hidden}; re-encoding them as {hidden_dtype} "
+                         "would not give what an extraction writes (re-extract instead)")  # fmt: skip
+    if _PRECISION[logprob_dtype] > _PRECISION[old_lp]:
+        raise StoreError(f"{src}: log-probs are stored as {old_lp}; cannot re-encode them as {logprob_dtype}")
+    fp["format_version"] = FORMAT_VERSION
+    fp["dtypes"].update(hidden=hidden_dtype, topk_logprobs=logprob_dtype,
+                        topk_ids=topk_ids_dtype(int(fp["model"]["vocab_size"])))  # fmt: skip
+    fp["sharding"]["codec"] = codec or fp["sharding"]["codec"]
+    target = TargetPieces(reader.target_config(), reader.target_weights(), _CopyDir(reader.tokenizer_dir))
+    writer = StoreWriter(dst, fp, reader.plan, target, io_workers=io_workers)
+    bar = tqdm(total=len(reader), desc=f"re-encode {Path(dst).name}", disable=not progress, unit="sample")
+    first = 0
+    for s in reader.shards:
+        n = len(s.index["offset"])
+        if not writer.is_committed(s.shard):
+            sw = writer.begin_shard(s.shard, tuple(s.stats["records"]), expected_tokens=int(s.stats["tokens"]))
+            sw.skipped.update(s.stats.get("skipped", {}))
+            sw.skipped_records = list(s.stats.get("skipped_records", []))
+            sw.quarantined = list(s.stats.get("quarantined", []))
+            for j in range(n):
+                i = first + j
+                meta = SampleMeta(int(s.index["sample_id"][j]), int(s.index["source_index"][j]),
+                                  str(s.index["record_id"][j]), bool(s.index["truncated"][j]))  # fmt: skip
+                if not sw.append(meta, reader.sample(i)):
+                    raise StoreError(f"{src}: sample {meta.sample_id} ({meta.record_id!r}) is not finite as "
+                                     f"{hidden_dtype}")  # fmt: skip
+                bar.update(1)
+            sw.commit()
+        else:
+            bar.update(n)
+        first += n
+    writer.close()
+    bar.close()
+    return inspect_store(dst)
+
+
+class _CopyDir:
+    """A tokenizer stand-in for :class:`TargetPieces`: ``save_pretrained`` copies the stored tokenizer files."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def save_pretrained(self, out: str) -> None:
+        shutil.copytree(self.path, out, dirs_exist_ok=True)
