@@ -14,7 +14,7 @@ import torch
 
 from pipeline.compute import compute_dtype_name, pick_device
 from pipeline.store import Fp8Rows, TargetPieces
-from pipeline.store_projection import project
+from pipeline.store.projection import project
 
 # Bounds the fp32 [tokens, vocab] log-softmax buffer (128k vocab x 2048 tokens = 1 GiB).
 LOGPROB_CHUNK_TOKENS = 2048

@@ -41,11 +41,11 @@ from pipeline.store import (
     sha256_files,
     topk_ids_dtype,
 )
-from pipeline.store_projection import (
+from pipeline.store.projection import (
     DEFAULT_CALIBRATION_TOKENS,
     PROJECTION_FILE,
     GramAccumulator,
-    describe,
+    describe_projection,
     principal_projection,
     project,
     read_projection_file,
@@ -463,7 +463,7 @@ def _aux_projection(cfg: ExtractConfig, backend, data_path: Path, ids: set[str] 
                 tqdm.write(f"{e}; set aside as {dest.name}, estimating it again")
         if p is None:
             p, energy, calibration = _calibrate(cfg, backend, data_path, ids, aux, batch_tokens)
-            record = describe(p, energy, calibration)
+            record = describe_projection(p, energy, calibration)
             save_projection(root, p, record)
     if record["k"] != cfg.aux_projection or record["calibration"]["tokens"] != cfg.calibration_tokens:
         raise StoreError(f"{path}: this store's projection has k={record['k']} from "

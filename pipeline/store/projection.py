@@ -61,7 +61,7 @@ def projection_sha256(p: torch.Tensor) -> str:
     return hashlib.sha256(np.ascontiguousarray(p.detach().cpu().float().numpy(), dtype="<f4").tobytes()).hexdigest()
 
 
-def describe(p: torch.Tensor, energy: float, calibration: dict) -> dict:
+def describe_projection(p: torch.Tensor, energy: float, calibration: dict) -> dict:
     """The fingerprint's record of one projected field."""
     return {"k": int(p.shape[0]), "input_width": int(p.shape[1]), "method": METHOD, "calibration": calibration,
             "energy": round(float(energy), 6), "sha256": projection_sha256(p)}  # fmt: skip
