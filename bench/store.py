@@ -13,9 +13,16 @@ extraction uses: the same bytes as extracting with those flags), then:
 (d) training tokens/s of EAGLE-1 steps fed from each store through the prefetching loader, against bf16/none;
 (e) writes: tokens/s and MB/s of the store writer (cast/quantize + chunk compression + commit) with the write
     pool and inline, the disk's sequential write bandwidth, and the extraction/forward ratio this implies for
-    the H100 run in the README.
+    the H100 run in the README;
+(f) held-out quality of EAGLE-3 heads trained from each layout (the demo's settings: 1,024-token rows, lr 2e-3,
+    1 TTT step, 4,096-token draft vocabulary, 10% held out) for each of ``--quality-steps`` and ``--seeds``: the
+    same seed gives every layout the same held-out samples, initialisation and (global shuffle) sample order, so
+    the layout is the only difference; each run's final weights are evaluated on the held-out samples of its own
+    store and of the bf16 store (the whole features a serving engine hands the head; a projected head projects
+    them itself): simulated τ and first-position acceptance, each against the bf16 run of the same seed and steps.
+    Finished runs are reused (``--work``), so an interrupted run resumes.
 
-    python bench/store.py [--feats FP32_STORE] [--steps 3] [--tokens-per-batch 512]
+    python bench/store.py [--feats FP32_STORE] [--steps 3] [--tokens-per-batch 512] [--sections a,b,c,d,e,f]
 """
 
 from __future__ import annotations
@@ -209,27 +216,63 @@ def disk_write_mb_s(work: Path, mb: int = 256) -> float:
     return mb / wall
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--feats", type=Path, default=None, help="fp32 SmolLM2 store (default: extract one)")
-    ap.add_argument("--limit", type=int, default=64)
-    ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=3, help="timed EAGLE-1 steps per store in (d); 0 skips (d)")
-    ap.add_argument("--tokens-per-batch", type=int, default=512)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (c)-(e); each setting's best counts")
-    ap.add_argument("--work", type=Path, default=None)
-    args = ap.parse_args()
-    work = args.work or Path(tempfile.mkdtemp(prefix="bench-store-"))
-    work.mkdir(parents=True, exist_ok=True)
-    src = args.feats or build_source(work / "fp32", args.limit, args.max_length)
-    reader = st.StoreReader(src)
-    if reader.hidden_dtype != "float32" or set(reader.fields) < {"hidden_last", "hidden_aux"}:
-        sys.exit(f"{src}: need an fp32 store with both hidden fields (extract --hidden-dtype fp32 --for both)")
-    tokens = int(reader.lengths.sum())
-    print(f"source {src}: SmolLM2, {len(reader)} ShareGPT samples, {tokens} tokens, "
-          f"{len(reader.shards)} shards, chunks of {reader.chunk_rows(0)} rows")
-    scale_granularity(reader)
+# (f): label -> reencode_store arguments; the first is the baseline
+QUALITY_LAYOUTS = {
+    "bf16/none (format-2 default)": dict(hidden_dtype="bfloat16", codec="none", logprob_dtype="float32"),
+    "compact: P k=H + fp8 + zstd + fp16 (default)": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16",
+                                                         aux_projection="auto"),
+    "fp8/zstd + fp16, whole": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16"),
+    "P k=H/2 + fp8 + zstd + fp16": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16",
+                                        aux_projection="half"),
+}
 
+
+def quality(src: Path, work: Path, steps_list: list[int], seeds: list[int], layouts: list[str]) -> None:
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import held_out  # bench/quality.py
+
+    from pipeline.train.trainer import train
+
+    h = int(st.StoreReader(src).fingerprint["model"]["hidden_size"])
+    paths = {}
+    for label in layouts:
+        kw = dict(QUALITY_LAYOUTS[label])
+        if kw.get("aux_projection") == "half":
+            kw["aux_projection"] = h // 2
+        paths[label] = work / f"q-{st.digest(kw)[:8]}"
+        if not (paths[label] / "store.arrow").exists() or st.inspect_store(paths[label])["complete"] is False:
+            st.reencode_store(src, paths[label], **kw)
+    base = st.StoreReader(paths[layouts[0]])
+    print("\n(f) EAGLE-3 held-out quality per layout (demo settings; global shuffle for all; final weights)")
+    print(f"    {'layout':<46} {'steps':>5} {'seed':>4} {'B/token':>8}   own store: τ / acc_0   "
+          "bf16 held-out: τ (vs bf16 run) / acc_0 (vs bf16 run)   train loss (last 20)")
+    results: dict = {}
+    for steps in steps_list:
+        for seed in seeds:
+            for label in layouts:
+                cfg = TrainConfig(feats=str(paths[label]), out=str(work / f"qrun-{paths[label].name}-{steps}-{seed}"),
+                                  variant="eagle3", max_steps=steps, tokens_per_batch=1024, lr=2e-3, seed=seed,
+                                  val_fraction=0.1, draft_vocab_size=4096, ttt_steps=1, shuffle="global",
+                                  progress=False)  # fmt: skip
+                if not (Path(cfg.out) / "summary.json").exists():
+                    train(cfg)
+                own = held_out(cfg, Path(cfg.out), st.StoreReader(paths[label]))
+                whole = held_out(cfg, Path(cfg.out), base)
+                rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+                losses = [r["loss"] for r in rows if r.get("kind") == "train" and "loss" in r][-20:]
+                results[(steps, seed, label)] = whole
+                ref = results[(steps, seed, layouts[0])]
+                bpt = st.inspect_store(paths[label])["bytes_per_token_total"]
+                print(f"    {label:<46} {steps:>5} {seed:>4} {bpt:8,.0f}   {own['tau']:.4f} / {own['cond_acc_0']:.4f}   "
+                      f"{whole['tau']:.4f} ({whole['tau'] / ref['tau'] - 1:+.2%}) / {whole['cond_acc_0']:.4f} "
+                      f"({whole['cond_acc_0'] / ref['cond_acc_0'] - 1:+.2%})   {sum(losses) / max(len(losses), 1):.3f}",
+                      flush=True)  # fmt: skip
+
+
+def layout_sections(args, src: Path, work: Path, sections: set[str]) -> None:
+    """(b)-(e): every dtype x codec layout (and the projected ones) written from ``src``."""
     stores = make_stores(src, work)
     from extract import peer_layout_bytes  # bench/extract.py
 
@@ -244,61 +287,100 @@ def main() -> None:
     compact = info["fp8/zstd, fp16 log-probs"]["bytes_per_token"]
     print("    per field, fp8/zstd + fp16 log-probs: " + ", ".join(f"{k} {v:.1f}" for k, v in compact.items()))
 
-    print(f"\n(c) reads, best of {args.rounds} interleaved rounds   samples/s: stored arrays, in order   "
-          "per-sample Zarr (previous)   loader tokens/s (fp32 batches)   ratio   shuffle   decodes/chunk")
-    fields = ("hidden_last", "hidden_aux", "topk_ids", "topk_logprobs")
     order = ["bf16/none"] + [n for n in stores if n != "bf16/none"]  # the baseline first
-    for p in stores.values():
-        warm(p)
-    best: dict[str, list] = {}
-    for _ in range(args.rounds):  # the machine is shared: interleave the stores and keep each one's best
-        for name in order:
-            seq = sequential_samples_per_s(stores[name])
-            rate, mode, decodes = loader_tokens_per_s(stores[name], fields, 2048)
-            prev = best.get(name, [0.0, 0.0, mode, decodes])
-            best[name] = [max(prev[0], seq), max(prev[1], rate), mode, decodes]
-    for name in order:
-        seq, rate, mode, decodes = best[name]
-        old = per_sample_zarr_per_s(stores[name]) if not name.split("/")[1].startswith("none") else float("nan")
-        print(f"    {name:<36} {seq:12.1f}   {old:24.1f}   {rate:17,.0f}   {rate / best['bf16/none'][1]:5.2f}   "
-              f"{mode:<7}   {decodes:.2f}")
-
-    if args.steps:
-        _, _, device = setup_distributed()
-        print(f"\n(d) EAGLE-1 training from each store, {args.steps} steps of {args.tokens_per_batch} tokens, best of "
-              f"{args.rounds} interleaved rounds   tokens/s   ratio")  # (CPU: compute-bound; the wait is the loader)
-        rates: dict[str, tuple[float, float]] = {}
-        for _ in range(args.rounds):
+    if "c" in sections:
+        print(f"\n(c) reads, best of {args.rounds} interleaved rounds   samples/s: stored arrays, in order   "
+              "per-sample Zarr (previous)   loader tokens/s (fp32 batches)   ratio   shuffle   decodes/chunk")
+        fields = ("hidden_last", "hidden_aux", "topk_ids", "topk_logprobs")
+        order = ["bf16/none"] + [n for n in stores if n != "bf16/none"]  # the baseline first
+        for p in stores.values():
+            warm(p)
+        best: dict[str, list] = {}
+        for _ in range(args.rounds):  # the machine is shared: interleave the stores and keep each one's best
             for name in order:
-                rate, wait = train_tokens_per_s(stores[name], args.steps, args.tokens_per_batch, device)
-                if rate > rates.get(name, (0.0, 0.0))[0]:
-                    rates[name] = (rate, wait)
+                seq = sequential_samples_per_s(stores[name])
+                rate, mode, decodes = loader_tokens_per_s(stores[name], fields, 2048)
+                prev = best.get(name, [0.0, 0.0, mode, decodes])
+                best[name] = [max(prev[0], seq), max(prev[1], rate), mode, decodes]
         for name in order:
-            rate, wait = rates[name]
-            print(f"    {name:<52} {rate:9.1f}   {rate / rates['bf16/none'][0]:.2f}   loader wait {wait:.2%} of the time")
+            seq, rate, mode, decodes = best[name]
+            old = per_sample_zarr_per_s(stores[name]) if not name.split("/")[1].startswith("none") else float("nan")
+            print(f"    {name:<36} {seq:12.1f}   {old:24.1f}   {rate:17,.0f}   {rate / best['bf16/none'][1]:5.2f}   "
+                  f"{mode:<7}   {decodes:.2f}")
 
-    print(f"\n(e) writes (store writer: checks + compression + chunk writes + commit, from bf16 / device-quantized fp8 "
-          f"rows in memory), best of {args.rounds} interleaved rounds   tokens/s   MB/s stored")
-    disk = disk_write_mb_s(work)
-    write: dict[tuple, tuple[float, float]] = {}
-    for _ in range(args.rounds):
-        for dtype, codec in (("bfloat16", "none"), ("bfloat16", "zstd"), (st.FP8, "none"), (st.FP8, "zstd")):
-            for workers in (0, os.cpu_count() or 1):
-                rate = write_rates(src, work, dtype, codec, workers)
-                write[(dtype, codec, workers)] = max(write.get((dtype, codec, workers), (0.0, 0.0)), rate)
-    for (dtype, codec, workers), (tok_s, mb_s) in write.items():
-        label = f"{SHORT[dtype]}/{codec}, " + ("inline" if workers == 0 else f"pool of {workers}")
-        print(f"    {label:<72} {tok_s:9,.0f}   {mb_s:8.1f}")
-    print(f"    disk: sequential write + fsync of 256 MB: {disk:.0f} MB/s")
-    fp8_bpt = info["fp8/zstd, fp16 log-probs"]["bytes_per_token_total"]
-    print("\n    expected extraction/forward on the README's H100 run (bound = the lower of forward and writes):")
-    for shape, (fwd, ext, bpt) in H100.items():
-        write_mb = ext * bpt / 1e6  # what the run sustained
-        scale = bpt / 4_871  # bytes/token of this shape relative to SmolLM2's
-        new_bpt = fp8_bpt * scale
-        print(f"    {shape}: measured {ext / fwd:.2f} at {bpt:,} B/token ({write_mb:.0f} MB/s written); "
-              f"at {new_bpt:,.0f} B/token: {min(1.0, write_mb * 1e6 / new_bpt / fwd):.2f} with the same "
-              f"{write_mb:.0f} MB/s, 1.00 needs {fwd * new_bpt / 1e6:,.0f} MB/s")
+    if "d" in sections:
+        if args.steps:
+            _, _, device = setup_distributed()
+            print(f"\n(d) EAGLE-1 training from each store, {args.steps} steps of {args.tokens_per_batch} tokens, best of "
+                  f"{args.rounds} interleaved rounds   tokens/s   ratio")  # (CPU: compute-bound; the wait is the loader)
+            rates: dict[str, tuple[float, float]] = {}
+            for _ in range(args.rounds):
+                for name in order:
+                    rate, wait = train_tokens_per_s(stores[name], args.steps, args.tokens_per_batch, device)
+                    if rate > rates.get(name, (0.0, 0.0))[0]:
+                        rates[name] = (rate, wait)
+            for name in order:
+                rate, wait = rates[name]
+                print(f"    {name:<52} {rate:9.1f}   {rate / rates['bf16/none'][0]:.2f}   loader wait {wait:.2%} of the time")
+
+    if "e" in sections:
+        print(f"\n(e) writes (store writer: checks + compression + chunk writes + commit, from bf16 / device-quantized fp8 "
+              f"rows in memory), best of {args.rounds} interleaved rounds   tokens/s   MB/s stored")
+        disk = disk_write_mb_s(work)
+        write: dict[tuple, tuple[float, float]] = {}
+        for _ in range(args.rounds):
+            for dtype, codec in (("bfloat16", "none"), ("bfloat16", "zstd"), (st.FP8, "none"), (st.FP8, "zstd")):
+                for workers in (0, os.cpu_count() or 1):
+                    rate = write_rates(src, work, dtype, codec, workers)
+                    write[(dtype, codec, workers)] = max(write.get((dtype, codec, workers), (0.0, 0.0)), rate)
+        for (dtype, codec, workers), (tok_s, mb_s) in write.items():
+            label = f"{SHORT[dtype]}/{codec}, " + ("inline" if workers == 0 else f"pool of {workers}")
+            print(f"    {label:<72} {tok_s:9,.0f}   {mb_s:8.1f}")
+        print(f"    disk: sequential write + fsync of 256 MB: {disk:.0f} MB/s")
+        fp8_bpt = info["fp8/zstd, fp16 log-probs"]["bytes_per_token_total"]
+        print("\n    expected extraction/forward on the README's H100 run (bound = the lower of forward and writes):")
+        for shape, (fwd, ext, bpt) in H100.items():
+            write_mb = ext * bpt / 1e6  # what the run sustained
+            scale = bpt / 4_871  # bytes/token of this shape relative to SmolLM2's
+            new_bpt = fp8_bpt * scale
+            print(f"    {shape}: measured {ext / fwd:.2f} at {bpt:,} B/token ({write_mb:.0f} MB/s written); "
+                  f"at {new_bpt:,.0f} B/token: {min(1.0, write_mb * 1e6 / new_bpt / fwd):.2f} with the same "
+                  f"{write_mb:.0f} MB/s, 1.00 needs {fwd * new_bpt / 1e6:,.0f} MB/s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--feats", type=Path, default=None, help="fp32 SmolLM2 store (default: extract one)")
+    ap.add_argument("--limit", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3, help="timed EAGLE-1 steps per store in (d); 0 skips (d)")
+    ap.add_argument("--tokens-per-batch", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (c)-(e); each setting's best counts")
+    ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--sections", default="a,b,c,d,e,f")
+    ap.add_argument("--quality-steps", default="180,800", help="(f): training steps, comma-separated")
+    ap.add_argument("--seeds", default="0", help="(f): seeds, comma-separated")
+    ap.add_argument("--layouts", default=",".join(map(str, range(len(QUALITY_LAYOUTS)))),
+                    help="(f): indices into QUALITY_LAYOUTS (0, the baseline, first)")
+    args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-store-"))
+    work.mkdir(parents=True, exist_ok=True)
+    src = args.feats or build_source(work / "fp32", args.limit, args.max_length)
+    reader = st.StoreReader(src)
+    if reader.hidden_dtype != "float32" or set(reader.fields) < {"hidden_last", "hidden_aux"}:
+        sys.exit(f"{src}: need an fp32 store with both hidden fields (extract --hidden-dtype fp32 --for both)")
+    tokens = int(reader.lengths.sum())
+    print(f"source {src}: SmolLM2, {len(reader)} ShareGPT samples, {tokens} tokens, "
+          f"{len(reader.shards)} shards, chunks of {reader.chunk_rows(0)} rows")
+    if "a" in sections:
+        scale_granularity(reader)
+    if sections & {"b", "c", "d", "e"}:
+        layout_sections(args, src, work, sections)
+    if "f" in sections:
+        layouts = [list(QUALITY_LAYOUTS)[int(i)] for i in args.layouts.split(",")]
+        quality(src, work, [int(x) for x in args.quality_steps.split(",")], [int(x) for x in args.seeds.split(",")],
+                layouts)  # fmt: skip
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

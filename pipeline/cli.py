@@ -244,6 +244,9 @@ def inspect(store: Path, as_json: bool) -> None:
                f"V={fp['model']['vocab_size']}  backend={fp['backend']}")  # fmt: skip
     click.echo(f"stored       {', '.join(fp['layers']['stored'])}  aux layers={fp['layers']['aux']}  "
                f"hidden dtype={fp['dtypes']['hidden']}  top-k={fp['top_k']}  max_length={fp['max_length']}")  # fmt: skip
+    for name, p in info["projection"].items():
+        click.echo(f"projection   {name} = P·x, k={p['k']} of {p['input_width']} ({p['method']}, kept energy "
+                   f"{p['energy']:.2%} of {p['calibration']['rows']:,} calibration tokens)")  # fmt: skip
     click.echo(f"data         {fp['data']['path']}  ({fp['data']['format']}/{fp['data']['kind']}, "
                f"selection {fp['data']['selection']})")  # fmt: skip
     click.echo(f"samples      {info['samples']}   tokens {info['tokens']}   loss tokens {info['loss_tokens']} "
@@ -278,15 +281,30 @@ def inspect(store: Path, as_json: bool) -> None:
               help="Default: the source's.")  # fmt: skip
 @click.option("--logprob-dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="Default: the source's.")
 @click.option("--codec", type=click.Choice(["none", "zstd", "blosc"]), default=None, help="Default: the source's.")
+@click.option("--aux-projection", default="keep", show_default=True,
+              help="EAGLE-3 features as P·x: keep (the source's), auto (k = H), none, or k.")
+@click.option("--calibration-tokens", type=int, default=EXTRACT["calibration_tokens"], show_default=True,
+              help="Tokens of the first samples that estimate a new projection.")
+@click.option("--compact", is_flag=True,
+              help="The layout `pipeline extract` writes by default (fp8, zstd, fp16 log-probs, projection auto); "
+              "flags given as well win.")  # fmt: skip
 @click.option("--no-progress", is_flag=True)
 def convert(store: Path, out: Path, hidden_dtype: str | None, logprob_dtype: str | None, codec: str | None,
-            no_progress: bool) -> None:  # fmt: skip
-    """Re-encode a complete store with other dtypes / codec (e.g. bf16 -> fp8 + zstd) without the target."""
+            aux_projection: str, calibration_tokens: int, compact: bool, no_progress: bool) -> None:  # fmt: skip
+    """Re-encode a complete store with other dtypes / codec / projection (e.g. an older or bf16 store into the
+    compact default: --compact) without the target."""
     from pipeline.store import StoreError, reencode_store
 
+    if compact:
+        hidden_dtype = hidden_dtype or short_dtype(EXTRACT["hidden_dtype"])
+        logprob_dtype = logprob_dtype or short_dtype(EXTRACT["logprob_dtype"])
+        codec = codec or EXTRACT["codec"]
+        aux_projection = EXTRACT["aux_projection"] if aux_projection == "keep" else aux_projection
     try:
         info = reencode_store(store, out, hidden_dtype=DTYPE_NAMES.get(hidden_dtype), codec=codec,
-                              logprob_dtype=DTYPE_NAMES.get(logprob_dtype), progress=not no_progress)  # fmt: skip
+                              logprob_dtype=DTYPE_NAMES.get(logprob_dtype), progress=not no_progress,
+                              aux_projection="keep" if aux_projection == "keep" else _projection(aux_projection),
+                              calibration_tokens=calibration_tokens)  # fmt: skip
     except StoreError as e:
         _fail(str(e))
     click.echo(f"{out}: {info['samples']} samples, {info['tokens']} tokens, hidden {info['hidden_dtype']}, "
