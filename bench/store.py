@@ -81,6 +81,88 @@ def scale_granularity(reader: st.StoreReader) -> None:
               f"{len(Zstd(3).encode(raw)) / t + scale_b:11.0f}")
 
 
+def _pack_bits(q: np.ndarray, bits: int) -> bytes:
+    """Unsigned ``bits``-bit codes (a multiple of 8 values) packed little-endian, as a store would hold them."""
+    b = np.unpackbits(q.astype(np.uint8)[..., None], axis=-1, bitorder="little")[..., :bits]
+    return np.packbits(b.reshape(-1), bitorder="little").tobytes()
+
+
+def fewer_bits(reader: st.StoreReader, p: torch.Tensor) -> None:
+    """(g): relative error and bytes/token of the projected EAGLE-3 row (k values) under fp8 per row (stored) and
+    symmetric int8/int6/int4 codes with one fp16 scale per group, raw and after zstd; the whole row's fp8 for
+    scale."""
+    rows = [reader.sample(i, ("hidden_aux",))["hidden_aux"] for i in range(len(reader))]
+    x = torch.cat([r.reshape(r.shape[0], -1) for r in rows]).float()  # [T, A*H]
+    y = st.project(x, p)  # [T, k]
+    t, k = y.shape
+    print(f"\n(g) fewer bits for the projected EAGLE-3 row (k={k} of {x.shape[1]}), {t} tokens   rel. error   "
+          "B/token raw   B/token zstd")
+    for label, v in (("whole row, fp8 per layer row (format 2 fp8)", x.reshape(t, -1, reader.fields["hidden_last"][0][0])
+                      if "hidden_last" in reader.fields else x[:, None]), ("projected, fp8 per row (stored)", y)):  # fmt: skip
+        q, scale = st.quantize_fp8(v)
+        err = ((q.float() * scale[..., None] - v).reshape(t, -1).norm(dim=-1) / v.reshape(t, -1).norm(dim=-1)).mean()
+        raw = q.view(torch.uint8).numpy().tobytes()
+        extra = scale.numel() * 4 / t
+        print(f"    {label:<58} {err:.4f}   {len(raw) / t + extra:10.0f}   {len(Zstd(3).encode(raw)) / t + extra:11.0f}")
+    for bits, group in ((8, k), (6, 32), (4, 32), (4, 16)):
+        g = y.reshape(t, k // group, group)
+        levels = 2 ** (bits - 1) - 1
+        scale = (g.abs().amax(-1, keepdim=True) / levels).clamp_min(1e-30).half().float()
+        q = torch.round(g / scale).clamp(-levels, levels)
+        err = ((q * scale).reshape(t, k) - y).norm(dim=-1) / y.norm(dim=-1)
+        raw = _pack_bits((q + levels).to(torch.uint8).numpy(), bits)
+        extra = 2 * (k // group)  # fp16 scales
+        print(f"    {f'projected, int{bits}, one fp16 scale per {group} values':<58} {err.mean():.4f}   "
+              f"{len(raw) / t + extra:10.0f}   {len(Zstd(3).encode(raw)) / t + extra:11.0f}")
+
+
+# (h): target shapes (hidden size, vocabulary) and datasets (records) of the users' scale table
+SHAPES = {"Llama-3.1-8B": (4096, 128_256), "Qwen3-8B": (4096, 151_936)}
+DATASETS = {"ShareGPT-68k": 68_000, "UltraChat-200k": 200_000}
+
+
+def scale_table(compact: dict, whole_fp8: dict, top_k: int, tokens_per_record: float) -> None:
+    """(h): bytes/token and totals at users' scale. Ours: each array's stored size at the shape (k = H, fp8 rows
+    + fp32 scales, top-k ids int32 above 65,536 ids, fp16 log-probs) times the zstd ratio that array had in (b) on
+    SmolLM2; the peers' layouts from their formats: SpecForge's per-sample bf16 torch.save (aux 3H + last H in
+    bf16, int64 ids and mask) and speculators' fp8 (one byte per value of the same hidden states, ids as SpecForge;
+    its scales left out)."""
+    def ratio(info: dict, name: str, raw_per_token: float) -> float:
+        return info["bytes_per_token"].get(name, raw_per_token) / raw_per_token
+
+    h0 = compact["fingerprint"]["model"]["hidden_size"]
+    r_aux = ratio(compact, "hidden_aux", h0)
+    r_last = ratio(compact, "hidden_last", h0)
+    r_ids = ratio(compact, "topk_ids", 2 * top_k)
+    r_lp = ratio(compact, "topk_logprobs", 2 * top_k)
+    print(f"\n(h) users' scale, {tokens_per_record:,.0f} tokens per record (measured on the embedded ShareGPT with "
+          f"SmolLM2's tokenizer, max 4,096; UltraChat assumed alike); zstd ratios from (b): hidden_aux {r_aux:.3f}, "
+          f"hidden_last {r_last:.3f}, top-k ids {r_ids:.3f}, log-probs {r_lp:.3f}")
+    print(f"    {'shape':<14} {'layout':<44} {'B/token':>8}  vs SpecForge   " + "   ".join(f"{d:>14}" for d in DATASETS))
+    for shape, (h, v) in SHAPES.items():
+        ids = (2 if v <= 1 << 16 else 4) * top_k * r_ids + 2 * top_k * r_lp + 5  # top-k + input_ids + mask
+        aux = (h + 4) * r_aux  # k = H fp8 values + one fp32 scale
+        last = (h + 4) * r_last
+        rows = {"SpecForge bf16 torch.save (both)": 8 * h + 16, "speculators fp8 (both)": 4 * h + 16,
+                "ours, compact, --for both": aux + last + ids, "ours, compact, --for eagle3": aux + ids}  # fmt: skip
+        for label, bpt in rows.items():
+            totals = "   ".join(f"{bpt * tokens_per_record * n / 1e12:11.2f} TB" for n in DATASETS.values())
+            print(f"    {shape:<14} {label:<44} {bpt:8,.0f}  {bpt / rows['SpecForge bf16 torch.save (both)']:10.3f}   "
+                  f"{totals}")
+
+
+def tokens_per_record(records: int) -> float:
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from extract import tokenized_slice  # bench/extract.py
+
+    from pipeline.assets import smollm2_dir
+
+    rows = tokenized_slice(AutoTokenizer.from_pretrained(smollm2_dir()), records, 4096)
+    return sum(len(r) for r in rows) / len(rows)
+
+
 def make_stores(src: Path, work: Path) -> dict[str, Path]:
     stores = {}
     for dtype in DTYPES:
@@ -92,6 +174,10 @@ def make_stores(src: Path, work: Path) -> dict[str, Path]:
     stores["fp8/zstd, fp16 log-probs"] = work / "compact"
     st.reencode_store(src, stores["fp8/zstd, fp16 log-probs"], hidden_dtype=st.FP8, codec="zstd",
                       logprob_dtype="float16")  # fmt: skip
+    for label, dtype in (("P k=H + bf16/none", "bfloat16"), (COMPACT, st.FP8)):
+        stores[label] = work / f"projected-{SHORT[dtype]}"
+        st.reencode_store(src, stores[label], hidden_dtype=dtype, codec="zstd" if dtype == st.FP8 else "none",
+                          logprob_dtype="float16" if dtype == st.FP8 else None, aux_projection="auto")  # fmt: skip
     return stores
 
 
@@ -216,6 +302,7 @@ def disk_write_mb_s(work: Path, mb: int = 256) -> float:
     return mb / wall
 
 
+COMPACT = "P k=H + fp8/zstd, fp16 log-probs (default)"
 # (f): label -> reencode_store arguments; the first is the baseline
 QUALITY_LAYOUTS = {
     "bf16/none (format-2 default)": dict(hidden_dtype="bfloat16", codec="none", logprob_dtype="float32"),
@@ -278,14 +365,19 @@ def layout_sections(args, src: Path, work: Path, sections: set[str]) -> None:
 
     peer = peer_layout_bytes(st.StoreReader(stores["bf16/none"]), work / "peer")["total (files)"]
     shutil.rmtree(work / "peer", ignore_errors=True)
-    print(f"\n(b) bytes/token, both EAGLE-1 and EAGLE-3 features      ours     peer/ours   ours/peer   "
-          f"(peer bf16 torch.save: {peer:,.0f} B/token)")
+    print(f"\n(b) bytes/token: both heads' features (--for both) and EAGLE-3's alone (--for eagle3: the same store "
+          f"without hidden_last), against the peer's bf16 torch.save of both ({peer:,.0f} B/token)")
+    print(f"    {'layout':<52} {'both':>8}   ours/peer   {'eagle3':>8}   ours/peer")
     info = {name: st.inspect_store(p) for name, p in stores.items()}
     for name, i in info.items():
         bpt = i["bytes_per_token_total"]
-        print(f"    {name:<52} {bpt:8,.0f}   {peer / bpt:9.2f}   {bpt / peer:9.3f}")
-    compact = info["fp8/zstd, fp16 log-probs"]["bytes_per_token"]
-    print("    per field, fp8/zstd + fp16 log-probs: " + ", ".join(f"{k} {v:.1f}" for k, v in compact.items()))
+        e3 = bpt - sum(v for f, v in i["bytes_per_token"].items() if f.startswith("hidden_last"))
+        print(f"    {name:<52} {bpt:8,.0f}   {bpt / peer:9.3f}   {e3:8,.0f}   {e3 / peer:9.3f}")
+    for name in ("fp8/zstd, fp16 log-probs", COMPACT):
+        print(f"    per field, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in info[name]["bytes_per_token"].items()))
+    fewer_bits(st.StoreReader(src), st.StoreReader(stores[COMPACT]).projection())
+    scale_table(info[COMPACT], info["fp8/zstd"], int(info[COMPACT]["fingerprint"]["top_k"]),
+                tokens_per_record(args.scale_records))  # fmt: skip
 
     order = ["bf16/none"] + [n for n in stores if n != "bf16/none"]  # the baseline first
     if "c" in sections:
@@ -358,6 +450,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (c)-(e); each setting's best counts")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--sections", default="a,b,c,d,e,f")
+    ap.add_argument("--scale-records", type=int, default=1000, help="(h): ShareGPT records measured for tokens/record")
     ap.add_argument("--quality-steps", default="180,800", help="(f): training steps, comma-separated")
     ap.add_argument("--seeds", default="0", help="(f): seeds, comma-separated")
     ap.add_argument("--layouts", default=",".join(map(str, range(len(QUALITY_LAYOUTS)))),
