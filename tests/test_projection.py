@@ -3,6 +3,7 @@ fc = fc'·P at export; the same P for every worker, resume and conversion; older
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -86,6 +87,16 @@ def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_pat
     y = e.sample(0)["hidden_aux"].reshape(1, -1, h)
     assert torch.allclose(served.fuse(x), model.fuse(y), atol=1e-4)
     assert torch.allclose(model.fuse(x), model.fuse(y), atol=1e-4)  # a projected head also takes whole features
+
+    if importlib.util.find_spec("speculators") is not None:  # the speculators package's loader: our logits
+        from pipeline.draft.speculators_check import compare_logits, load_with_speculators
+
+        theirs = load_with_speculators(export_draft(model, None, tmp_path / "spec", "speculators", dtype=torch.float32))
+        n = y.shape[1]
+        row = {"input_ids": e.sample(0)["input_ids"].long()[None], "loss_mask": e.sample(0)["loss_mask"].float()[None],
+               "position_ids": torch.arange(n)[None], "doc_ids": torch.zeros(1, n, dtype=torch.long), "hidden_aux": y}
+        for step in compare_logits(model.float(), theirs, row, steps=2):
+            assert step["rel_diff"] < 1e-4 and step["argmax_agree"] == 1.0, step
 
     res = CliRunner().invoke(cli, ["inspect", str(compact)])
     assert res.exit_code == 0 and f"k={h} of {3 * h}" in res.output and "kept energy" in res.output
