@@ -204,6 +204,9 @@ def format_extract_summary(s: dict) -> str:
         f"wall             {s['wall_s']} s (extraction loop {s['loop_s']} s, forward {s['forward_s']} s), "
         f"{s['tokens_per_s']} tokens/s",
     ]
+    for name, p in s.get("projection", {}).items():
+        lines.insert(-2, f"projection       {name} = P·x, k={p['k']} of {p['input_width']}, kept energy {p['energy']:.2%} "
+                         f"of {p['calibration']['rows']:,} calibration tokens")  # fmt: skip
     for r in s["shards"].get("repaired", []):
         lines.append(f"repaired         shard {r['shard']} ({r['problem']}); the damaged copy is {r['set_aside']}")
     if s.get("repaired_target"):

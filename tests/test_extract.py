@@ -19,7 +19,6 @@ from pipeline import store as st
 from pipeline.cli import main as cli
 from pipeline.extract.runner import ExtractConfig, run_extract
 
-
 # The format-2 layout (whole features, bf16, fp32 log-probs, no codec): what these tests compare against the forward
 # bit for bit; the compact default (projection, fp8, zstd) is tested in tests/test_projection.py.
 WHOLE_BF16 = dict(hidden_dtype="bfloat16", logprob_dtype="float32", codec="none", aux_projection=None)

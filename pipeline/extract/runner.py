@@ -399,6 +399,7 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, data_path: Path, ids: s
         "samples_written": totals["samples"], "skipped": dict(sorted(skipped.items())),
         "quarantined": len(quarantined), "quarantined_samples": quarantined[:20],
         "tokens": totals["stored_tokens"], "loss_tokens": totals["loss_tokens"],
+        "projection": fingerprint["projection"],
         "bytes_written": stored_bytes,
         "bytes_per_token": stored_bytes / totals["stored_tokens"] if totals["stored_tokens"] else 0.0,
         "wall_s": round(wall, 2), "loop_s": round(loop_s, 2), "forward_s": round(compute_s, 2),
