@@ -228,7 +228,12 @@ class StoreReader:
             import numcodecs
 
             codec = numcodecs.Zstd() if names[1] == "zstd" else numcodecs.Blosc()
-            return np.frombuffer(codec.decode(path.read_bytes()), dtype=dtype).reshape(shape)
+            try:
+                return np.frombuffer(codec.decode(path.read_bytes()), dtype=dtype).reshape(shape)
+            except (RuntimeError, ValueError) as e:  # a damaged compressed chunk: an error, never a traceback
+                raise StoreError(f"{path}: shard {self.shards[k].shard}, chunk {c} of {name} cannot be decoded ({e}); "
+                                 f"`pipeline verify {self.root}` checks every chunk, re-running the same `pipeline "
+                                 "extract` redoes the shard") from e  # fmt: skip
         key = (k, name)
         if key not in self._zarr:
             import zarr
