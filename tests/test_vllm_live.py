@@ -87,12 +87,9 @@ def test_vllm_extraction_matches_the_hf_store(stores):
 
 
 @pytest.fixture(scope="module")
-def heads(smollm2_runs, smollm2_store, tmp_path_factory):
+def heads(smollm2_runs, tmp_path_factory):
     from pipeline.train.variants import export_run
 
-    # The shared store is the compact default: the EAGLE-3 head trained fc' over P·x (k = H) and its export holds
-    # fc = fc'·P [H, 3H], which vLLM loads as any EAGLE-3 head.
-    assert StoreReader(smollm2_store).fingerprint["projection"]["hidden_aux"]["k"] == 576
     root = tmp_path_factory.mktemp("live-heads")
     return {v: export_run(run, root / v, "vllm", "final", torch.float32)[0] for v, (run, _) in smollm2_runs.items()}
 
