@@ -107,8 +107,12 @@ def main() -> None:
 
     bare_s = bare_forward(backend, samples, args.batch_tokens)
     cfg = dict(model=None, limit=args.limit, max_length=args.max_length, batch_tokens=args.batch_tokens,
-               progress=False, device="cpu")
+               progress=False, device="cpu", hidden_dtype="bfloat16", logprob_dtype="float32", codec="none",
+               aux_projection=None)  # the format-2 layout: (b) and (c) compare it with the peers'
     ours = run_extract(ExtractConfig(out=work / "none", **cfg), backend=backend)
+    compact = run_extract(ExtractConfig(out=work / "default", model=None, limit=args.limit, max_length=args.max_length,
+                                        batch_tokens=args.batch_tokens, progress=False, device="cpu"),
+                          backend=backend)  # fmt: skip
     assert ours["tokens"] == tokens, (ours["tokens"], tokens)
     print(f"\nSmolLM2-135M fp32 CPU, ShareGPT records [0, {args.limit}), max_length {args.max_length}: "
           f"{len(samples)} samples, {tokens} tokens\n")
@@ -117,6 +121,11 @@ def main() -> None:
     print(f"    pipeline extract (loop)            {tokens / ours['loop_s']:8.1f}   {bare_s / ours['loop_s']:.2f}")
     print(f"    (its forward passes alone          {tokens / ours['forward_s']:8.1f}; time outside them: "
           f"{1 - ours['forward_s'] / ours['loop_s']:.1%} of the loop)")
+    calib = compact["wall_s"] - compact["loop_s"]
+    print(f"    default (P k=H + fp8 + zstd) loop  {tokens / compact['loop_s']:8.1f}   {bare_s / compact['loop_s']:.2f}"
+          f"   (+ {calib:.1f} s before it: the calibration forward of up to "
+          f"{ExtractConfig.calibration_tokens:,} tokens, once per store, and loading; with it "
+          f"{bare_s / compact['wall_s']:.2f})")
 
     info = inspect_store(work / "none")
     peer = peer_layout_bytes(StoreReader(work / "none"), work / "peer")

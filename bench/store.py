@@ -13,9 +13,16 @@ extraction uses: the same bytes as extracting with those flags), then:
 (d) training tokens/s of EAGLE-1 steps fed from each store through the prefetching loader, against bf16/none;
 (e) writes: tokens/s and MB/s of the store writer (cast/quantize + chunk compression + commit) with the write
     pool and inline, the disk's sequential write bandwidth, and the extraction/forward ratio this implies for
-    the H100 run in the README.
+    the H100 run in the README;
+(f) held-out quality of EAGLE-3 heads trained from each layout (the demo's settings: 1,024-token rows, lr 2e-3,
+    1 TTT step, 4,096-token draft vocabulary, 10% held out) for each of ``--quality-steps`` and ``--seeds``: the
+    same seed gives every layout the same held-out samples, initialisation and (global shuffle) sample order, so
+    the layout is the only difference; each run's final weights are evaluated on the held-out samples of its own
+    store and of the bf16 store (the whole features a serving engine hands the head; a projected head projects
+    them itself): simulated τ and first-position acceptance, each against the bf16 run of the same seed and steps.
+    Finished runs are reused (``--work``), so an interrupted run resumes.
 
-    python bench/store.py [--feats FP32_STORE] [--steps 3] [--tokens-per-batch 512]
+    python bench/store.py [--feats FP32_STORE] [--steps 3] [--tokens-per-batch 512] [--sections a,b,c,d,e,f]
 """
 
 from __future__ import annotations
@@ -74,6 +81,88 @@ def scale_granularity(reader: st.StoreReader) -> None:
               f"{len(Zstd(3).encode(raw)) / t + scale_b:11.0f}")
 
 
+def _pack_bits(q: np.ndarray, bits: int) -> bytes:
+    """Unsigned ``bits``-bit codes (a multiple of 8 values) packed little-endian, as a store would hold them."""
+    b = np.unpackbits(q.astype(np.uint8)[..., None], axis=-1, bitorder="little")[..., :bits]
+    return np.packbits(b.reshape(-1), bitorder="little").tobytes()
+
+
+def fewer_bits(reader: st.StoreReader, p: torch.Tensor) -> None:
+    """(g): relative error and bytes/token of the projected EAGLE-3 row (k values) under fp8 per row (stored) and
+    symmetric int8/int6/int4 codes with one fp16 scale per group, raw and after zstd; the whole row's fp8 for
+    scale."""
+    rows = [reader.sample(i, ("hidden_aux",))["hidden_aux"] for i in range(len(reader))]
+    x = torch.cat([r.reshape(r.shape[0], -1) for r in rows]).float()  # [T, A*H]
+    y = st.project(x, p)  # [T, k]
+    t, k = y.shape
+    print(f"\n(g) fewer bits for the projected EAGLE-3 row (k={k} of {x.shape[1]}), {t} tokens   rel. error   "
+          "B/token raw   B/token zstd")
+    for label, v in (("whole row, fp8 per layer row (format 2 fp8)", x.reshape(t, -1, reader.fields["hidden_last"][0][0])
+                      if "hidden_last" in reader.fields else x[:, None]), ("projected, fp8 per row (stored)", y)):  # fmt: skip
+        q, scale = st.quantize_fp8(v)
+        err = ((q.float() * scale[..., None] - v).reshape(t, -1).norm(dim=-1) / v.reshape(t, -1).norm(dim=-1)).mean()
+        raw = q.view(torch.uint8).numpy().tobytes()
+        extra = scale.numel() * 4 / t
+        print(f"    {label:<58} {err:.4f}   {len(raw) / t + extra:10.0f}   {len(Zstd(3).encode(raw)) / t + extra:11.0f}")
+    for bits, group in ((8, k), (6, 32), (4, 32), (4, 16)):
+        g = y.reshape(t, k // group, group)
+        levels = 2 ** (bits - 1) - 1
+        scale = (g.abs().amax(-1, keepdim=True) / levels).clamp_min(1e-30).half().float()
+        q = torch.round(g / scale).clamp(-levels, levels)
+        err = ((q * scale).reshape(t, k) - y).norm(dim=-1) / y.norm(dim=-1)
+        raw = _pack_bits((q + levels).to(torch.uint8).numpy(), bits)
+        extra = 2 * (k // group)  # fp16 scales
+        print(f"    {f'projected, int{bits}, one fp16 scale per {group} values':<58} {err.mean():.4f}   "
+              f"{len(raw) / t + extra:10.0f}   {len(Zstd(3).encode(raw)) / t + extra:11.0f}")
+
+
+# (h): target shapes (hidden size, vocabulary) and datasets (records) of the users' scale table
+SHAPES = {"Llama-3.1-8B": (4096, 128_256), "Qwen3-8B": (4096, 151_936)}
+DATASETS = {"ShareGPT-68k": 68_000, "UltraChat-200k": 200_000}
+
+
+def scale_table(compact: dict, whole_fp8: dict, top_k: int, tokens_per_record: float) -> None:
+    """(h): bytes/token and totals at users' scale. Ours: each array's stored size at the shape (k = H, fp8 rows
+    + fp32 scales, top-k ids int32 above 65,536 ids, fp16 log-probs) times the zstd ratio that array had in (b) on
+    SmolLM2; the peers' layouts from their formats: SpecForge's per-sample bf16 torch.save (aux 3H + last H in
+    bf16, int64 ids and mask) and speculators' fp8 (one byte per value of the same hidden states, ids as SpecForge;
+    its scales left out)."""
+    def ratio(info: dict, name: str, raw_per_token: float) -> float:
+        return info["bytes_per_token"].get(name, raw_per_token) / raw_per_token
+
+    h0 = compact["fingerprint"]["model"]["hidden_size"]
+    r_aux = ratio(compact, "hidden_aux", h0)
+    r_last = ratio(compact, "hidden_last", h0)
+    r_ids = ratio(compact, "topk_ids", 2 * top_k)
+    r_lp = ratio(compact, "topk_logprobs", 2 * top_k)
+    print(f"\n(h) users' scale, {tokens_per_record:,.0f} tokens per record (measured on the embedded ShareGPT with "
+          f"SmolLM2's tokenizer, max 4,096; UltraChat assumed alike); zstd ratios from (b): hidden_aux {r_aux:.3f}, "
+          f"hidden_last {r_last:.3f}, top-k ids {r_ids:.3f}, log-probs {r_lp:.3f}")
+    print(f"    {'shape':<14} {'layout':<44} {'B/token':>8}  vs SpecForge   " + "   ".join(f"{d:>14}" for d in DATASETS))
+    for shape, (h, v) in SHAPES.items():
+        ids = (2 if v <= 1 << 16 else 4) * top_k * r_ids + 2 * top_k * r_lp + 5  # top-k + input_ids + mask
+        aux = (h + 4) * r_aux  # k = H fp8 values + one fp32 scale
+        last = (h + 4) * r_last
+        rows = {"SpecForge bf16 torch.save (both)": 8 * h + 16, "speculators fp8 (both)": 4 * h + 16,
+                "ours, compact, --for both": aux + last + ids, "ours, compact, --for eagle3": aux + ids}  # fmt: skip
+        for label, bpt in rows.items():
+            totals = "   ".join(f"{bpt * tokens_per_record * n / 1e12:11.2f} TB" for n in DATASETS.values())
+            print(f"    {shape:<14} {label:<44} {bpt:8,.0f}  {bpt / rows['SpecForge bf16 torch.save (both)']:10.3f}   "
+                  f"{totals}")
+
+
+def tokens_per_record(records: int) -> float:
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from extract import tokenized_slice  # bench/extract.py
+
+    from pipeline.assets import smollm2_dir
+
+    rows = tokenized_slice(AutoTokenizer.from_pretrained(smollm2_dir()), records, 4096)
+    return sum(len(r) for r in rows) / len(rows)
+
+
 def make_stores(src: Path, work: Path) -> dict[str, Path]:
     stores = {}
     for dtype in DTYPES:
@@ -85,6 +174,10 @@ def make_stores(src: Path, work: Path) -> dict[str, Path]:
     stores["fp8/zstd, fp16 log-probs"] = work / "compact"
     st.reencode_store(src, stores["fp8/zstd, fp16 log-probs"], hidden_dtype=st.FP8, codec="zstd",
                       logprob_dtype="float16")  # fmt: skip
+    for label, dtype in (("P k=H + bf16/none", "bfloat16"), (COMPACT, st.FP8)):
+        stores[label] = work / f"projected-{SHORT[dtype]}"
+        st.reencode_store(src, stores[label], hidden_dtype=dtype, codec="zstd" if dtype == st.FP8 else "none",
+                          logprob_dtype="float16" if dtype == st.FP8 else None, aux_projection="auto")  # fmt: skip
     return stores
 
 
@@ -209,6 +302,144 @@ def disk_write_mb_s(work: Path, mb: int = 256) -> float:
     return mb / wall
 
 
+COMPACT = "P k=H + fp8/zstd, fp16 log-probs (default)"
+# (f): label -> reencode_store arguments; the first is the baseline
+QUALITY_LAYOUTS = {
+    "bf16/none (format-2 default)": dict(hidden_dtype="bfloat16", codec="none", logprob_dtype="float32"),
+    "compact: P k=H + fp8 + zstd + fp16 (default)": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16",
+                                                         aux_projection="auto"),
+    "fp8/zstd + fp16, whole": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16"),
+    "P k=H/2 + fp8 + zstd + fp16": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16",
+                                        aux_projection="half"),
+}
+
+
+def quality(src: Path, work: Path, steps_list: list[int], seeds: list[int], layouts: list[str]) -> None:
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from quality import held_out  # bench/quality.py
+
+    from pipeline.train.trainer import train
+
+    h = int(st.StoreReader(src).fingerprint["model"]["hidden_size"])
+    paths = {}
+    for label in layouts:
+        kw = dict(QUALITY_LAYOUTS[label])
+        if kw.get("aux_projection") == "half":
+            kw["aux_projection"] = h // 2
+        paths[label] = work / f"q-{st.digest(kw)[:8]}"
+        if not (paths[label] / "store.arrow").exists() or st.inspect_store(paths[label])["complete"] is False:
+            st.reencode_store(src, paths[label], **kw)
+    base = st.StoreReader(paths[layouts[0]])
+    print("\n(f) EAGLE-3 held-out quality per layout (demo settings; global shuffle for all; final weights)")
+    print(f"    {'layout':<46} {'steps':>5} {'seed':>4} {'B/token':>8}   own store: τ / acc_0   "
+          "bf16 held-out: τ (vs bf16 run) / acc_0 (vs bf16 run)   train loss (last 20)")
+    results: dict = {}
+    for steps in steps_list:
+        for seed in seeds:
+            for label in layouts:
+                cfg = TrainConfig(feats=str(paths[label]), out=str(work / f"qrun-{paths[label].name}-{steps}-{seed}"),
+                                  variant="eagle3", max_steps=steps, tokens_per_batch=1024, lr=2e-3, seed=seed,
+                                  val_fraction=0.1, draft_vocab_size=4096, ttt_steps=1, shuffle="global",
+                                  progress=False)  # fmt: skip
+                if not (Path(cfg.out) / "summary.json").exists():
+                    train(cfg)
+                own = held_out(cfg, Path(cfg.out), st.StoreReader(paths[label]))
+                whole = held_out(cfg, Path(cfg.out), base)
+                rows = [json.loads(x) for x in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
+                losses = [r["loss"] for r in rows if r.get("kind") == "train" and "loss" in r][-20:]
+                results[(steps, seed, label)] = whole
+                ref = results[(steps, seed, layouts[0])]
+                bpt = st.inspect_store(paths[label])["bytes_per_token_total"]
+                print(f"    {label:<46} {steps:>5} {seed:>4} {bpt:8,.0f}   {own['tau']:.4f} / {own['cond_acc_0']:.4f}   "
+                      f"{whole['tau']:.4f} ({whole['tau'] / ref['tau'] - 1:+.2%}) / {whole['cond_acc_0']:.4f} "
+                      f"({whole['cond_acc_0'] / ref['cond_acc_0'] - 1:+.2%})   {sum(losses) / max(len(losses), 1):.3f}",
+                      flush=True)  # fmt: skip
+
+
+def layout_sections(args, src: Path, work: Path, sections: set[str]) -> None:
+    """(b)-(e): every dtype x codec layout (and the projected ones) written from ``src``."""
+    stores = make_stores(src, work)
+    from extract import peer_layout_bytes  # bench/extract.py
+
+    peer = peer_layout_bytes(st.StoreReader(stores["bf16/none"]), work / "peer")["total (files)"]
+    shutil.rmtree(work / "peer", ignore_errors=True)
+    print(f"\n(b) bytes/token: both heads' features (--for both) and EAGLE-3's alone (--for eagle3: the same store "
+          f"without hidden_last), against the peer's bf16 torch.save of both ({peer:,.0f} B/token)")
+    print(f"    {'layout':<52} {'both':>8}   ours/peer   {'eagle3':>8}   ours/peer")
+    info = {name: st.inspect_store(p) for name, p in stores.items()}
+    for name, i in info.items():
+        bpt = i["bytes_per_token_total"]
+        e3 = bpt - sum(v for f, v in i["bytes_per_token"].items() if f.startswith("hidden_last"))
+        print(f"    {name:<52} {bpt:8,.0f}   {bpt / peer:9.3f}   {e3:8,.0f}   {e3 / peer:9.3f}")
+    for name in ("fp8/zstd, fp16 log-probs", COMPACT):
+        print(f"    per field, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in info[name]["bytes_per_token"].items()))
+    fewer_bits(st.StoreReader(src), st.StoreReader(stores[COMPACT]).projection())
+    scale_table(info[COMPACT], info["fp8/zstd"], int(info[COMPACT]["fingerprint"]["top_k"]),
+                tokens_per_record(args.scale_records))  # fmt: skip
+
+    order = ["bf16/none"] + [n for n in stores if n != "bf16/none"]  # the baseline first
+    if "c" in sections:
+        print(f"\n(c) reads, best of {args.rounds} interleaved rounds   samples/s: stored arrays, in order   "
+              "per-sample Zarr (previous)   loader tokens/s (fp32 batches)   ratio   shuffle   decodes/chunk")
+        fields = ("hidden_last", "hidden_aux", "topk_ids", "topk_logprobs")
+        order = ["bf16/none"] + [n for n in stores if n != "bf16/none"]  # the baseline first
+        for p in stores.values():
+            warm(p)
+        best: dict[str, list] = {}
+        for _ in range(args.rounds):  # the machine is shared: interleave the stores and keep each one's best
+            for name in order:
+                seq = sequential_samples_per_s(stores[name])
+                rate, mode, decodes = loader_tokens_per_s(stores[name], fields, 2048)
+                prev = best.get(name, [0.0, 0.0, mode, decodes])
+                best[name] = [max(prev[0], seq), max(prev[1], rate), mode, decodes]
+        for name in order:
+            seq, rate, mode, decodes = best[name]
+            old = per_sample_zarr_per_s(stores[name]) if not name.split("/")[1].startswith("none") else float("nan")
+            print(f"    {name:<36} {seq:12.1f}   {old:24.1f}   {rate:17,.0f}   {rate / best['bf16/none'][1]:5.2f}   "
+                  f"{mode:<7}   {decodes:.2f}")
+
+    if "d" in sections:
+        if args.steps:
+            _, _, device = setup_distributed()
+            print(f"\n(d) EAGLE-1 training from each store, {args.steps} steps of {args.tokens_per_batch} tokens, best of "
+                  f"{args.rounds} interleaved rounds   tokens/s   ratio")  # (CPU: compute-bound; the wait is the loader)
+            rates: dict[str, tuple[float, float]] = {}
+            for _ in range(args.rounds):
+                for name in order:
+                    rate, wait = train_tokens_per_s(stores[name], args.steps, args.tokens_per_batch, device)
+                    if rate > rates.get(name, (0.0, 0.0))[0]:
+                        rates[name] = (rate, wait)
+            for name in order:
+                rate, wait = rates[name]
+                print(f"    {name:<52} {rate:9.1f}   {rate / rates['bf16/none'][0]:.2f}   loader wait {wait:.2%} of the time")
+
+    if "e" in sections:
+        print(f"\n(e) writes (store writer: checks + compression + chunk writes + commit, from bf16 / device-quantized fp8 "
+              f"rows in memory), best of {args.rounds} interleaved rounds   tokens/s   MB/s stored")
+        disk = disk_write_mb_s(work)
+        write: dict[tuple, tuple[float, float]] = {}
+        for _ in range(args.rounds):
+            for dtype, codec in (("bfloat16", "none"), ("bfloat16", "zstd"), (st.FP8, "none"), (st.FP8, "zstd")):
+                for workers in (0, os.cpu_count() or 1):
+                    rate = write_rates(src, work, dtype, codec, workers)
+                    write[(dtype, codec, workers)] = max(write.get((dtype, codec, workers), (0.0, 0.0)), rate)
+        for (dtype, codec, workers), (tok_s, mb_s) in write.items():
+            label = f"{SHORT[dtype]}/{codec}, " + ("inline" if workers == 0 else f"pool of {workers}")
+            print(f"    {label:<72} {tok_s:9,.0f}   {mb_s:8.1f}")
+        print(f"    disk: sequential write + fsync of 256 MB: {disk:.0f} MB/s")
+        fp8_bpt = info["fp8/zstd, fp16 log-probs"]["bytes_per_token_total"]
+        print("\n    expected extraction/forward on the README's H100 run (bound = the lower of forward and writes):")
+        for shape, (fwd, ext, bpt) in H100.items():
+            write_mb = ext * bpt / 1e6  # what the run sustained
+            scale = bpt / 4_871  # bytes/token of this shape relative to SmolLM2's
+            new_bpt = fp8_bpt * scale
+            print(f"    {shape}: measured {ext / fwd:.2f} at {bpt:,} B/token ({write_mb:.0f} MB/s written); "
+                  f"at {new_bpt:,.0f} B/token: {min(1.0, write_mb * 1e6 / new_bpt / fwd):.2f} with the same "
+                  f"{write_mb:.0f} MB/s, 1.00 needs {fwd * new_bpt / 1e6:,.0f} MB/s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--feats", type=Path, default=None, help="fp32 SmolLM2 store (default: extract one)")
@@ -218,7 +449,14 @@ def main() -> None:
     ap.add_argument("--tokens-per-batch", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (c)-(e); each setting's best counts")
     ap.add_argument("--work", type=Path, default=None)
+    ap.add_argument("--sections", default="a,b,c,d,e,f")
+    ap.add_argument("--scale-records", type=int, default=1000, help="(h): ShareGPT records measured for tokens/record")
+    ap.add_argument("--quality-steps", default="180,800", help="(f): training steps, comma-separated")
+    ap.add_argument("--seeds", default="0", help="(f): seeds, comma-separated")
+    ap.add_argument("--layouts", default=",".join(map(str, range(len(QUALITY_LAYOUTS)))),
+                    help="(f): indices into QUALITY_LAYOUTS (0, the baseline, first)")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-store-"))
     work.mkdir(parents=True, exist_ok=True)
     src = args.feats or build_source(work / "fp32", args.limit, args.max_length)
@@ -228,77 +466,14 @@ def main() -> None:
     tokens = int(reader.lengths.sum())
     print(f"source {src}: SmolLM2, {len(reader)} ShareGPT samples, {tokens} tokens, "
           f"{len(reader.shards)} shards, chunks of {reader.chunk_rows(0)} rows")
-    scale_granularity(reader)
-
-    stores = make_stores(src, work)
-    from extract import peer_layout_bytes  # bench/extract.py
-
-    peer = peer_layout_bytes(st.StoreReader(stores["bf16/none"]), work / "peer")["total (files)"]
-    shutil.rmtree(work / "peer", ignore_errors=True)
-    print(f"\n(b) bytes/token, both EAGLE-1 and EAGLE-3 features      ours     peer/ours   ours/peer   "
-          f"(peer bf16 torch.save: {peer:,.0f} B/token)")
-    info = {name: st.inspect_store(p) for name, p in stores.items()}
-    for name, i in info.items():
-        bpt = i["bytes_per_token_total"]
-        print(f"    {name:<52} {bpt:8,.0f}   {peer / bpt:9.2f}   {bpt / peer:9.3f}")
-    compact = info["fp8/zstd, fp16 log-probs"]["bytes_per_token"]
-    print("    per field, fp8/zstd + fp16 log-probs: " + ", ".join(f"{k} {v:.1f}" for k, v in compact.items()))
-
-    print(f"\n(c) reads, best of {args.rounds} interleaved rounds   samples/s: stored arrays, in order   "
-          "per-sample Zarr (previous)   loader tokens/s (fp32 batches)   ratio   shuffle   decodes/chunk")
-    fields = ("hidden_last", "hidden_aux", "topk_ids", "topk_logprobs")
-    order = ["bf16/none"] + [n for n in stores if n != "bf16/none"]  # the baseline first
-    for p in stores.values():
-        warm(p)
-    best: dict[str, list] = {}
-    for _ in range(args.rounds):  # the machine is shared: interleave the stores and keep each one's best
-        for name in order:
-            seq = sequential_samples_per_s(stores[name])
-            rate, mode, decodes = loader_tokens_per_s(stores[name], fields, 2048)
-            prev = best.get(name, [0.0, 0.0, mode, decodes])
-            best[name] = [max(prev[0], seq), max(prev[1], rate), mode, decodes]
-    for name in order:
-        seq, rate, mode, decodes = best[name]
-        old = per_sample_zarr_per_s(stores[name]) if not name.split("/")[1].startswith("none") else float("nan")
-        print(f"    {name:<36} {seq:12.1f}   {old:24.1f}   {rate:17,.0f}   {rate / best['bf16/none'][1]:5.2f}   "
-              f"{mode:<7}   {decodes:.2f}")
-
-    if args.steps:
-        _, _, device = setup_distributed()
-        print(f"\n(d) EAGLE-1 training from each store, {args.steps} steps of {args.tokens_per_batch} tokens, best of "
-              f"{args.rounds} interleaved rounds   tokens/s   ratio")  # (CPU: compute-bound; the wait is the loader)
-        rates: dict[str, tuple[float, float]] = {}
-        for _ in range(args.rounds):
-            for name in order:
-                rate, wait = train_tokens_per_s(stores[name], args.steps, args.tokens_per_batch, device)
-                if rate > rates.get(name, (0.0, 0.0))[0]:
-                    rates[name] = (rate, wait)
-        for name in order:
-            rate, wait = rates[name]
-            print(f"    {name:<52} {rate:9.1f}   {rate / rates['bf16/none'][0]:.2f}   loader wait {wait:.2%} of the time")
-
-    print(f"\n(e) writes (store writer: checks + compression + chunk writes + commit, from bf16 / device-quantized fp8 "
-          f"rows in memory), best of {args.rounds} interleaved rounds   tokens/s   MB/s stored")
-    disk = disk_write_mb_s(work)
-    write: dict[tuple, tuple[float, float]] = {}
-    for _ in range(args.rounds):
-        for dtype, codec in (("bfloat16", "none"), ("bfloat16", "zstd"), (st.FP8, "none"), (st.FP8, "zstd")):
-            for workers in (0, os.cpu_count() or 1):
-                rate = write_rates(src, work, dtype, codec, workers)
-                write[(dtype, codec, workers)] = max(write.get((dtype, codec, workers), (0.0, 0.0)), rate)
-    for (dtype, codec, workers), (tok_s, mb_s) in write.items():
-        label = f"{SHORT[dtype]}/{codec}, " + ("inline" if workers == 0 else f"pool of {workers}")
-        print(f"    {label:<72} {tok_s:9,.0f}   {mb_s:8.1f}")
-    print(f"    disk: sequential write + fsync of 256 MB: {disk:.0f} MB/s")
-    fp8_bpt = info["fp8/zstd, fp16 log-probs"]["bytes_per_token_total"]
-    print("\n    expected extraction/forward on the README's H100 run (bound = the lower of forward and writes):")
-    for shape, (fwd, ext, bpt) in H100.items():
-        write_mb = ext * bpt / 1e6  # what the run sustained
-        scale = bpt / 4_871  # bytes/token of this shape relative to SmolLM2's
-        new_bpt = fp8_bpt * scale
-        print(f"    {shape}: measured {ext / fwd:.2f} at {bpt:,} B/token ({write_mb:.0f} MB/s written); "
-              f"at {new_bpt:,.0f} B/token: {min(1.0, write_mb * 1e6 / new_bpt / fwd):.2f} with the same "
-              f"{write_mb:.0f} MB/s, 1.00 needs {fwd * new_bpt / 1e6:,.0f} MB/s")
+    if "a" in sections:
+        scale_granularity(reader)
+    if sections & {"b", "c", "d", "e"}:
+        layout_sections(args, src, work, sections)
+    if "f" in sections:
+        layouts = [list(QUALITY_LAYOUTS)[int(i)] for i in args.layouts.split(",")]
+        quality(src, work, [int(x) for x in args.quality_steps.split(",")], [int(x) for x in args.seeds.split(",")],
+                layouts)  # fmt: skip
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -16,6 +16,15 @@ from pipeline.options import DTYPE_NAMES, defaults, short_dtype
 from pipeline.train.trainer import TrainConfig
 
 
+def _projection(value: str) -> int | str | None:
+    """``--aux-projection``: auto, none or a positive k."""
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"{value!r}: expected auto, none or a positive integer k", param_hint="--aux-projection")
+    return int(value)
+
+
 def _ints(value: str | None) -> list[int] | None:
     if not value:
         return None
@@ -122,6 +131,10 @@ def main() -> None:
               help="Storage dtype of the hidden states; fp8 = float8 e4m3 with one fp32 scale per token row.")
 @click.option("--logprob-dtype", type=click.Choice(["fp32", "fp16"]), default=short_dtype(EXTRACT["logprob_dtype"]), show_default=True,
               help="Storage dtype of the top-k log-probabilities.")
+@click.option("--aux-projection", default=EXTRACT["aux_projection"], show_default=True,
+              help="EAGLE-3 features stored as P·x, P = their top-k principal directions: auto (k = H), none, or k.")
+@click.option("--calibration-tokens", type=int, default=EXTRACT["calibration_tokens"], show_default=True,
+              help="Tokens of the selection's first records that estimate the projection.")
 @click.option("--for", "stored_for", type=click.Choice(["both", "eagle1", "eagle3"]), default=EXTRACT["stored_for"],
               show_default=True, help="eagle1 keeps only the last hidden state, eagle3 only the aux layers.")  # fmt: skip
 @click.option("--aux-layers", default=EXTRACT["aux_layers"], help="HF hidden-state indices for EAGLE-3 (default 2,N//2,N-3).")
@@ -168,6 +181,7 @@ def extract(**kw) -> None:
         kind=kw["kind"], offset=kw["offset"], limit=kw["limit"],
         ids_file=kw["ids_file"], max_length=kw["max_length"], top_k=kw["top_k"], hidden_dtype=dtype,
         logprob_dtype=DTYPE_NAMES[kw["logprob_dtype"]], io_workers=kw["io_workers"],
+        aux_projection=_projection(kw["aux_projection"]), calibration_tokens=kw["calibration_tokens"],
         stored_for=kw["stored_for"], aux_layers=_ints(kw["aux_layers"]), shard_size=kw["shard_size"],
         chunk_tokens=kw["chunk_tokens"], codec=kw["codec"], batch_tokens=kw["batch_tokens"], device=kw["device"],
         compute_dtype=compute_dtype, backend=kw["backend"], rank=kw["rank"], world_size=kw["world_size"], progress=not kw["no_progress"],
@@ -201,6 +215,9 @@ def format_extract_summary(s: dict) -> str:
         f"wall             {s['wall_s']} s (extraction loop {s['loop_s']} s, forward {s['forward_s']} s), "
         f"{s['tokens_per_s']} tokens/s",
     ]
+    for name, p in s.get("projection", {}).items():
+        lines.insert(-2, f"projection       {name} = P·x, k={p['k']} of {p['input_width']}, kept energy {p['energy']:.2%} "
+                         f"of {p['calibration']['rows']:,} calibration tokens")  # fmt: skip
     for r in s["shards"].get("repaired", []):
         lines.append(f"repaired         shard {r['shard']} ({r['problem']}); the damaged copy is {r['set_aside']}")
     if s.get("repaired_target"):
@@ -257,6 +274,9 @@ def inspect(store: Path, as_json: bool, samples: tuple[int, ...]) -> None:
                f"V={fp['model']['vocab_size']}  backend={fp['backend']}")  # fmt: skip
     click.echo(f"stored       {', '.join(fp['layers']['stored'])}  aux layers={fp['layers']['aux']}  "
                f"hidden dtype={fp['dtypes']['hidden']}  top-k={fp['top_k']}  max_length={fp['max_length']}")  # fmt: skip
+    for name, p in info["projection"].items():
+        click.echo(f"projection   {name} = P·x, k={p['k']} of {p['input_width']} ({p['method']}, kept energy "
+                   f"{p['energy']:.2%} of {p['calibration']['rows']:,} calibration tokens)")  # fmt: skip
     click.echo(f"data         {fp['data']['path']}  ({fp['data']['format']}/{fp['data']['kind']}, "
                f"selection {fp['data']['selection']})")  # fmt: skip
     click.echo(f"samples      {info['samples']}   tokens {info['tokens']}   loss tokens {info['loss_tokens']} "
@@ -297,15 +317,30 @@ def inspect(store: Path, as_json: bool, samples: tuple[int, ...]) -> None:
               help="Default: the source's.")  # fmt: skip
 @click.option("--logprob-dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="Default: the source's.")
 @click.option("--codec", type=click.Choice(["none", "zstd", "blosc"]), default=None, help="Default: the source's.")
+@click.option("--aux-projection", default="keep", show_default=True,
+              help="EAGLE-3 features as P·x: keep (the source's), auto (k = H), none, or k.")
+@click.option("--calibration-tokens", type=int, default=EXTRACT["calibration_tokens"], show_default=True,
+              help="Tokens of the first samples that estimate a new projection.")
+@click.option("--compact", is_flag=True,
+              help="The layout `pipeline extract` writes by default (fp8, zstd, fp16 log-probs, projection auto); "
+              "flags given as well win.")  # fmt: skip
 @click.option("--no-progress", is_flag=True)
 def convert(store: Path, out: Path, hidden_dtype: str | None, logprob_dtype: str | None, codec: str | None,
-            no_progress: bool) -> None:  # fmt: skip
-    """Re-encode a complete store with other dtypes / codec (e.g. bf16 -> fp8 + zstd) without the target."""
+            aux_projection: str, calibration_tokens: int, compact: bool, no_progress: bool) -> None:  # fmt: skip
+    """Re-encode a complete store with other dtypes / codec / projection (e.g. an older or bf16 store into the
+    compact default: --compact) without the target."""
     from pipeline.store import StoreError, reencode_store
 
+    if compact:
+        hidden_dtype = hidden_dtype or short_dtype(EXTRACT["hidden_dtype"])
+        logprob_dtype = logprob_dtype or short_dtype(EXTRACT["logprob_dtype"])
+        codec = codec or EXTRACT["codec"]
+        aux_projection = EXTRACT["aux_projection"] if aux_projection == "keep" else aux_projection
     try:
         info = reencode_store(store, out, hidden_dtype=DTYPE_NAMES.get(hidden_dtype), codec=codec,
-                              logprob_dtype=DTYPE_NAMES.get(logprob_dtype), progress=not no_progress)  # fmt: skip
+                              logprob_dtype=DTYPE_NAMES.get(logprob_dtype), progress=not no_progress,
+                              aux_projection="keep" if aux_projection == "keep" else _projection(aux_projection),
+                              calibration_tokens=calibration_tokens)  # fmt: skip
     except StoreError as e:
         _fail(str(e))
     click.echo(f"{out}: {info['samples']} samples, {info['tokens']} tokens, hidden {info['hidden_dtype']}, "

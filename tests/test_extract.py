@@ -19,9 +19,13 @@ from pipeline import store as st
 from pipeline.cli import main as cli
 from pipeline.extract.runner import ExtractConfig, run_extract
 
+# The format-2 layout (whole features, bf16, fp32 log-probs, no codec): what these tests compare against the forward
+# bit for bit; the compact default (projection, fp8, zstd) is tested in tests/test_projection.py.
+WHOLE_BF16 = dict(hidden_dtype="bfloat16", logprob_dtype="float32", codec="none", aux_projection=None)
+
 
 def extract(model, out, **kw) -> dict:
-    cfg = ExtractConfig(out=Path(out), model=str(model), progress=False, **kw)
+    cfg = ExtractConfig(out=Path(out), model=str(model), progress=False, **{**WHOLE_BF16, **kw})
     return run_extract(cfg)
 
 
@@ -198,7 +202,7 @@ def test_fp8_zstd_extraction_and_convert_agree(tiny_llama_dir, tmp_path):
     assert direct.digest == conv.digest and direct.fields["topk_ids"][1] == "uint16"
     assert tensor_checksums(tmp_path / "fp8") == tensor_checksums(tmp_path / "conv")
     info = json.loads(runner.invoke(cli, ["inspect", str(tmp_path / "fp8"), "--json"]).output)
-    assert info["hidden_dtype"] == "float8_e4m3fn" and info["format_version"] == 2 and info["codec"] == "zstd"
+    assert info["hidden_dtype"] == "float8_e4m3fn" and info["format_version"] == st.FORMAT_VERSION and info["codec"] == "zstd"
     assert 0 < info["bytes_per_token_total"] < st.inspect_store(tmp_path / "fp32")["bytes_per_token_total"] / 3
     res = runner.invoke(cli, ["convert", str(tmp_path / "fp8"), "--out", str(tmp_path / "up"), "--hidden-dtype",
                               "bf16"])  # fmt: skip

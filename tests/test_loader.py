@@ -102,7 +102,8 @@ def chunked_stores(tmp_path_factory, tiny_llama_dir) -> dict[str, StoreReader]:
 
     root = tmp_path_factory.mktemp("chunked")
     kw = dict(limit=40, max_length=256, top_k=8, shard_size=20, chunk_tokens=512)
-    return {"none": StoreReader(build_store(tiny_llama_dir, root / "none", **kw)),
+    whole = dict(codec="none", hidden_dtype="bfloat16", logprob_dtype="float32", aux_projection=None)  # format 2's
+    return {"none": StoreReader(build_store(tiny_llama_dir, root / "none", **kw, **whole)),
             "fp8-zstd": StoreReader(build_store(tiny_llama_dir, root / "zstd", codec="zstd",
                                                 hidden_dtype="float8_e4m3fn", **kw))}  # fmt: skip
 

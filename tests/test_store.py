@@ -430,7 +430,7 @@ def test_fp8_round_trip_is_per_row_e4m3(tmp_path):
     assert rows["hidden_aux"].dtype == np.uint8 and rows["hidden_aux_scale"].shape == (int(r.lengths[0]), A)
     assert st.verify_store(tmp_path / "s") == []
     info = st.inspect_store(tmp_path / "s")
-    assert info["hidden_dtype"] == st.FP8 and info["format_version"] == 2
+    assert info["hidden_dtype"] == st.FP8 and info["format_version"] == st.FORMAT_VERSION
     assert info["bytes_per_token"]["hidden_aux_scale"] > 0 and info["bytes_per_token_total"] > 0
 
 

@@ -155,11 +155,14 @@ def test_two_gloo_ranks_with_zero2(tiny_store, tmp_path):
     assert all(torch.isfinite(torch.tensor(losses(out))))
 
 
-def test_export_reloads_identically(tiny_store, tmp_path):
+def test_export_reloads_identically(tiny_whole_store, tmp_path):
+    """Bit for bit on whole features (a projected store's head is checked against its folded export, up to
+    rounding, in tests/test_projection.py)."""
     from click.testing import CliRunner
 
     from pipeline.cli import main as cli
 
+    tiny_store = tiny_whole_store
     reader = st.StoreReader(tiny_store)
     for variant, fmt in (("eagle1", "vllm"), ("eagle3", "vllm"), ("eagle3", "speculators")):
         run = tmp_path / variant

@@ -55,7 +55,7 @@ AUX = [0, 4, N]
 
 def cfg(out: Path, model: Path, **kw) -> ExtractConfig:
     base = dict(limit=LIMIT, max_length=MAX_LEN, top_k=K, shard_size=4, hidden_dtype="float32", aux_layers=AUX,
-                progress=False)  # fmt: skip
+                logprob_dtype="float32", codec="none", aux_projection=None, progress=False)  # fmt: skip
     return ExtractConfig(out=out, model=str(model), **{**base, **kw})
 
 

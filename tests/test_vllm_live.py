@@ -39,12 +39,15 @@ LOGPROB_TOL = 2e-3  # absolute, per top-k log-probability; ids must agree except
 @pytest.fixture(scope="module")
 def stores(smollm2_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("live-stores")
+    # whole fp32 features and log-probs: the two backends' values are compared, not a layout
     hf = build_store(smollm2_dir, root / "hf", limit=LIMIT, max_length=MAX_LEN, top_k=K, shard_size=SHARD,
-                     hidden_dtype="float32", compute_dtype="float32")  # fmt: skip
+                     hidden_dtype="float32", compute_dtype="float32", logprob_dtype="float32", codec="none",
+                     aux_projection=None)  # fmt: skip
     start = time.perf_counter()
     res = CliRunner().invoke(cli, ["extract", "--backend", "vllm", "--model", str(smollm2_dir), "--out",
                                    str(root / "vllm"), "--limit", str(LIMIT), "--max-length", str(MAX_LEN),
                                    "--top-k", str(K), "--shard-size", str(SHARD), "--hidden-dtype", "fp32",
+                                   "--logprob-dtype", "fp32", "--codec", "none", "--aux-projection", "none",
                                    "--dtype", "fp32", "--enforce-eager", "--no-progress", "--json"])  # fmt: skip
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output[res.output.rindex('{\n  "store"'):])  # vLLM's log lines come first

@@ -70,6 +70,7 @@ class Eagle3Config(DraftShape):
     aux_layer_ids: list[int] = field(default_factory=list)  # HF output_hidden_states indices, from the store
     draft_vocab_size: int = 32000
     target_hidden_size: int = 0  # hidden size of each aux feature (0: = hidden_size)
+    aux_projection_dim: int = 0  # k of a projected store (fc reads P·x, k values; export folds P in); 0: none
     hidden_act: str = "silu"
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -100,7 +101,15 @@ class Eagle3Config(DraftShape):
         """From a ``pipeline.store.StoreReader``: its target config, model name and aux layer ids."""
         fp = reader.fingerprint
         overrides.setdefault("target_name", fp["model"].get("path") or fp["model"].get("name"))
+        projected = (fp.get("projection") or {}).get("hidden_aux")
+        if projected:
+            overrides.setdefault("aux_projection_dim", int(projected["k"]))
         return cls.from_target(reader.target_config(), fp["layers"]["aux"], draft_vocab_size, **overrides)
+
+    @property
+    def fused_width(self) -> int:
+        """Width of the concatenated aux features (``A*H``), what an exported ``fc`` reads."""
+        return len(self.aux_layer_ids) * self.target_hidden_size
 
 
 
@@ -189,7 +198,10 @@ class Eagle3Draft(nn.Module):
         self.config = c
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.fc = nn.Linear(len(c.aux_layer_ids) * c.target_hidden_size, c.hidden_size, bias=False)
+        self.fc = nn.Linear(c.aux_projection_dim or c.fused_width, c.hidden_size, bias=False)
+        # The store's fixed projection P [k, A*H] (orthonormal rows): saved with the weights, folded into fc at export.
+        self.register_buffer("aux_projection", torch.zeros(c.aux_projection_dim, c.fused_width)
+                             if c.aux_projection_dim else None)  # fmt: skip
         self.midlayer = DecoderLayer(
             c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
             c.rms_norm_eps, c.hidden_act, eagle3=True, attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
@@ -259,8 +271,25 @@ class Eagle3Draft(nn.Module):
     # ---- forward -------------------------------------------------------------------------------------------
 
     def fuse(self, aux: torch.Tensor) -> torch.Tensor:
-        """``fc`` over the concatenated aux features ``[B, N, A*H]`` -> ``[B, N, H]`` (step-0 hidden input)."""
+        """``fc`` over the concatenated aux features ``[B, N, A*H]`` -> ``[B, N, H]`` (step-0 hidden input); a head
+        trained on a projected store takes them projected (``[B, N, k]``, as stored) or whole (projected here)."""
+        if self.aux_projection is not None and aux.shape[-1] != self.aux_projection.shape[0]:
+            aux = aux.to(self.aux_projection.dtype) @ self.aux_projection.T
         return self.fc(aux.to(self.fc.weight.dtype))
+
+    def unprojected(self) -> Eagle3Draft:
+        """The same head over the whole aux features: ``fc = fc'·P`` (``[H, A*H]``), what the engines load. A head
+        without a projection is returned as it is."""
+        if self.aux_projection is None:
+            return self
+        dtype = self.fc.weight.dtype
+        out = type(self)(dataclasses.replace(self.config, aux_projection_dim=0)).to(dtype)
+        state = {k: v for k, v in self.state_dict().items() if k != "aux_projection"}
+        state["fc.weight"] = (self.fc.weight.detach().double() @ self.aux_projection.double()).to(dtype)
+        out.load_state_dict(state, strict=True)
+        if self.target_lm_head is not None:
+            out.target_lm_head = self.target_lm_head
+        return out.train(self.training)
 
     def logits(self, hidden_prenorm: torch.Tensor) -> torch.Tensor:
         """Draft-vocab logits of a pre-norm layer output."""
@@ -445,6 +474,9 @@ class Eagle3Head(DraftHead):
         weights = reader.target_weights()
         config = self.config_class.from_store(reader, cfg.draft_vocab_size)
         model = self.module_class(config)
+        if config.aux_projection_dim:
+            with torch.no_grad():
+                model.aux_projection.copy_(reader.projection("hidden_aux"))
         d2t, t2d, coverage = build_draft_vocab(reader.token_counts(), config.draft_vocab_size)
         predicted = prediction_coverage(reader, t2d, weights.get("lm_head.weight", weights["embed_tokens.weight"]))
         model.set_vocab(d2t, t2d)
@@ -480,6 +512,9 @@ class Eagle3Head(DraftHead):
     def optional_weights(self, config: Eagle3Config) -> set[str]:
         # A full-size draft vocabulary is exported without its (identity) maps; the module's defaults are those.
         return super().optional_weights(config) | ({"d2t", "t2d"} if config.draft_vocab_size == config.vocab_size else set())
+
+    def servable(self, model: Eagle3Draft) -> Eagle3Draft:
+        return model.unprojected()
 
     def export_layout(self, model, config, fmt, body, dtype, num_speculative_tokens):
         ids = list(config.aux_layer_ids)

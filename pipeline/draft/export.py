@@ -172,6 +172,9 @@ def export_draft(model: nn.Module, config: Any | None, out_dir: str | Path,
     """
     config = config or model.config
     head = head_of(model)
+    served = head.servable(model)
+    if served is not model:  # e.g. fc' over a projected store folded into fc = fc'·P
+        model, config = served, served.config
     if fmt not in head.export_formats:
         raise ValueError(f"{head.name} heads export as {' or '.join(head.export_formats)}, not --format {fmt}")
     dtype = dtype or next(v.dtype for v in model.draft_state_dict().values() if v.is_floating_point())

@@ -102,6 +102,11 @@ class DraftHead(ABC):
         ``model`` with ``config`` for ``fmt`` (one of :attr:`export_formats`); ``body`` holds the HF Llama fields
         of a one-layer draft."""
 
+    def servable(self, model: nn.Module) -> nn.Module:
+        """The module to export: one that reads what the serving engines feed (``model`` itself unless the head
+        was trained on transformed store features, e.g. EAGLE-3's projected aux features)."""
+        return model
+
     def target_pieces(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The frozen target weights the head needs at load (written to the export's sidecar)."""
         state = model.state_dict()

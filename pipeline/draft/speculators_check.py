@@ -32,11 +32,16 @@ def load_with_speculators(export_dir: str | Path) -> Any:
 def compare_logits(ours: Eagle3Draft, theirs: Any, row: dict[str, torch.Tensor], steps: int = 3) -> list[dict]:
     """Per TTT step: max |logit difference| (and relative to max |logit|) and argmax agreement of the two models
     over the rows of ``row`` (``[1, T]`` tensors of one document: ``input_ids``, ``position_ids``, ``doc_ids``,
-    ``loss_mask``, ``hidden_aux [1, T, A*H]``) whose step-``i`` token is inside it."""
+    ``loss_mask``, ``hidden_aux [1, T, A*H]``, or ``[1, T, k]`` from a projected store) whose step-``i`` token is
+    inside it."""
+    whole = row["hidden_aux"].float()
+    if ours.aux_projection is not None and whole.shape[-1] == ours.aux_projection.shape[0]:
+        # a projected store's rows y = P·x: theirs (fc = fc'·P) reads Pᵀy, and fc'·P·Pᵀy = fc'·y (orthonormal rows)
+        whole = whole @ ours.aux_projection.float()
     logits: list[torch.Tensor] = []
     hook = theirs.lm_head.register_forward_hook(lambda _m, _i, out: logits.append(out.detach().float()))
     try:
-        theirs(hidden_states=row["hidden_aux"].float(), input_ids=shift_left(row["input_ids"], 1),
+        theirs(hidden_states=whole, input_ids=shift_left(row["input_ids"], 1),
                document_ids=torch.zeros_like(row["input_ids"]), position_ids=row["position_ids"], ttt_steps=steps)
     finally:
         hook.remove()

@@ -14,6 +14,7 @@ import torch
 
 from pipeline.compute import compute_dtype_name, pick_device
 from pipeline.store import Fp8Rows, TargetPieces
+from pipeline.store.projection import project
 
 # Bounds the fp32 [tokens, vocab] log-softmax buffer (128k vocab x 2048 tokens = 1 GiB).
 LOGPROB_CHUNK_TOKENS = 2048
@@ -24,6 +25,7 @@ class HFBackend:
 
     name = "hf"
     quantizes_fp8 = True  # forward(hidden_dtype=float8_e4m3fn) returns Fp8Rows quantized on the device
+    projects_aux = True  # forward(aux_projection=P) returns hidden_aux as P·x [L, k], projected on the device
 
     def __init__(self, model_dir: Path, device: str = "auto", compute_dtype: str = "auto"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -54,11 +56,13 @@ class HFBackend:
     @torch.inference_mode()
     def forward(self, batch: list[list[int]], aux_layers: list[int], top_k: int, want_last: bool, want_aux: bool,
                 hidden_dtype: torch.dtype = torch.float32, names: list[str] | None = None,
-                ) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+                aux_projection: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
         """Right-padded batch forward; returns per sample {hidden_last [L,H], hidden_aux [L,A,H], topk_*} on the
         CPU, hidden states already in ``hidden_dtype`` (cast on the device: half the transfer for bf16; fp8 as
         :class:`~pipeline.store.Fp8Rows` quantized per row on the device, a quarter of fp32). ``names``
-        label the samples in errors (the vLLM backend's interface; a local forward has nothing to add)."""
+        label the samples in errors (the vLLM backend's interface; a local forward has nothing to add).
+        ``aux_projection`` (P [k, A*H] on the device): ``hidden_aux`` is ``P·x`` [L, k], projected in fp32 before
+        the cast, so only k values per token cross to the host."""
         lengths = [len(x) for x in batch]
         width = max(lengths)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
@@ -79,7 +83,8 @@ class HFBackend:
             if want_last:
                 sample["hidden_last"] = cast(hidden[-1][i, :n])
             if want_aux:
-                sample["hidden_aux"] = cast(torch.stack([hidden[a][i, :n] for a in aux_layers], dim=1))
+                fused = torch.stack([hidden[a][i, :n] for a in aux_layers], dim=1)
+                sample["hidden_aux"] = cast(fused if aux_projection is None else project(fused, aux_projection))
             sample["topk_logprobs"], sample["topk_ids"] = topk_logprobs(out.logits[i, :n], top_k)
             results.append({k: v.to("cpu", non_blocking=True) for k, v in sample.items()})
         return results

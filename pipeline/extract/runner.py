@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from tqdm import tqdm
@@ -42,6 +42,16 @@ from pipeline.store import (
     topk_ids_dtype,
 )
 from pipeline.store.inspect import LOSS_SHARE_BOUNDS
+from pipeline.store.projection import (
+    DEFAULT_CALIBRATION_TOKENS,
+    PROJECTION_FILE,
+    GramAccumulator,
+    describe_projection,
+    principal_projection,
+    project,
+    read_projection_file,
+    save_projection,
+)
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -63,13 +73,17 @@ class ExtractConfig:
     ids_file: str | None = None
     max_length: int = 2048
     top_k: int = 32
-    hidden_dtype: str = "bfloat16"  # bfloat16 | float16 | float32 | float8_e4m3fn
-    logprob_dtype: str = "float32"  # float32 | float16 (top-k log-probabilities)
+    # The defaults are the compact store (storage_layout.md, format 3): EAGLE-3 features projected to k = H, fp8
+    # hidden rows, zstd, fp16 log-probabilities. The format-2 layout: bfloat16, float32, None, codec "none".
+    hidden_dtype: str = "float8_e4m3fn"  # bfloat16 | float16 | float32 | float8_e4m3fn
+    logprob_dtype: str = "float16"  # float32 | float16 (top-k log-probabilities)
     stored_for: str = "both"  # eagle1 | eagle3 | both
+    aux_projection: int | str | None = "auto"  # k: hidden_aux stored as P·x (P [k, A*H]); "auto": k = H; None: whole
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS  # tokens of the selection's first records that estimate P
     aux_layers: list[int] | None = None
     shard_size: int = 256
     chunk_tokens: int = 4096
-    codec: str = "none"
+    codec: str = "zstd"
     io_workers: int | None = None  # threads compressing and writing chunks (default: min(8, CPUs))
     batch_tokens: int | None = None  # padded tokens per forward; None: the backend's preference
     device: str = "auto"
@@ -145,6 +159,7 @@ def build_fingerprint(cfg: ExtractConfig, model_dir: Path, source: data_mod.Data
                  "thinking": thinking,
                  "selection": {"offset": cfg.offset, "limit": cfg.limit, "ids_sha256": ids_sha}},
         "sharding": {"shard_size": cfg.shard_size, "chunk_tokens": cfg.chunk_tokens, "codec": cfg.codec},
+        "projection": {},  # {"hidden_aux": record} once P is known (_aux_projection)
     }  # fmt: skip
 
 
@@ -288,6 +303,18 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
     n_records, stream_report = selection
     fingerprint = build_fingerprint(cfg, model_dir, source, stream_report["format"], backend.config, tokenizer,
                                     n_layers, aux, backend.name, backend.compute_dtype_name, thinking)
+    batch_tokens = cfg.batch_tokens or getattr(backend, "preferred_batch_tokens", 8192)
+    want_last = "hidden_last" in fingerprint["layers"]["stored"]
+    want_aux = "hidden_aux" in fingerprint["layers"]["stored"]
+    projection = None
+    if cfg.aux_projection == "auto":  # k = H: fc's output width; the measured choice (README "Store layouts")
+        cfg = replace(cfg, aux_projection=int(backend.config["hidden_size"]) if want_aux else None)
+    if cfg.aux_projection:
+        if not want_aux:
+            raise ValueError(f"--aux-projection {cfg.aux_projection}: the store keeps no EAGLE-3 features "
+                             f"(--for {cfg.stored_for}); EAGLE-1's hidden_last is never projected")  # fmt: skip
+        projection, fingerprint["projection"]["hidden_aux"] = _aux_projection(cfg, backend, source, ids, aux,
+                                                                              batch_tokens, thinking)  # fmt: skip
     n_shards = -(-n_records // cfg.shard_size)
     plan = {"records": n_records, "shards": n_shards, "shard_size": cfg.shard_size}
     # What the backend hands over: the storage dtype, cast on the device. fp8 is quantized per row from the values
@@ -304,9 +331,6 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
     # Shards the last `pipeline verify` found bad get a full check; the others the cheap one (sizes, metadata).
     flagged = _flagged_by_verify(cfg.out) & set(mine)
     todo = [s for s in mine if writer.shard_state(s, full=s in flagged)[0] != "committed"]
-    batch_tokens = cfg.batch_tokens or getattr(backend, "preferred_batch_tokens", 8192)
-    want_last = "hidden_last" in fingerprint["layers"]["stored"]
-    want_aux = "hidden_aux" in fingerprint["layers"]["stored"]
 
     totals: Counter[str] = Counter()
     skipped: Counter[str] = Counter()
@@ -366,7 +390,8 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
                                         claim=lock)  # fmt: skip
                 try:
                     compute_s += _extract_shard(sw, records, tokenized, backend, cfg, aux, batch_tokens, want_last,
-                                                want_aux, transfer, submit, bar, totals, t0, odd)  # fmt: skip
+                                                want_aux, transfer, projection, submit, bar, totals, t0,
+                                                odd)  # fmt: skip
                 except BaseException:
                     pool.submit(sw.abort)  # after the appends already queued
                     raise
@@ -402,6 +427,7 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
         "tokens": totals["stored_tokens"], "loss_tokens": totals["loss_tokens"],
         "loss_token_share": round(totals["loss_tokens"] / totals["stored_tokens"], 4) if totals["stored_tokens"] else 0.0,
         "warnings": loss_share_warnings(totals, odd),
+        "projection": fingerprint["projection"],
         "bytes_written": stored_bytes,
         "bytes_per_token": stored_bytes / totals["stored_tokens"] if totals["stored_tokens"] else 0.0,
         "wall_s": round(wall, 2), "loop_s": round(loop_s, 2), "forward_s": round(compute_s, 2),
@@ -411,10 +437,13 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
 
 
 def _extract_shard(sw, records, tokenized, backend, cfg: ExtractConfig, aux, batch_tokens: int, want_last: bool,
-                   want_aux: bool, transfer, submit, bar, totals: Counter, t0: float,
+                   want_aux: bool, transfer, projection, submit, bar, totals: Counter, t0: float,
                    odd: list[str]) -> float:  # fmt: skip
-    """Run the target over one shard's samples and queue their writes; returns the forward time."""
+    """Run the target over one shard's samples and queue their writes; returns the forward time. ``projection``
+    (P, or None): backends that can apply it on the device (``projects_aux``) get it; else it is applied here."""
     compute_s = 0.0
+    on_device = projection is not None and getattr(backend, "projects_aux", False)
+    extra = {"aux_projection": projection} if on_device else {}
     samples = []
     for sel, (rec, tok) in enumerate(zip(records, tokenized, strict=True), sw.records[0]):
         if isinstance(tok, data_mod.Skip):
@@ -425,10 +454,12 @@ def _extract_shard(sw, records, tokenized, backend, cfg: ExtractConfig, aux, bat
     for batch in length_buckets([len(t.input_ids) for _, t in samples], batch_tokens):
         tb = time.time()
         outs = backend.forward([samples[i][1].input_ids for i in batch], aux, cfg.top_k, want_last, want_aux,
-                               hidden_dtype=transfer, names=[_name(samples[i][0]) for i in batch])  # fmt: skip
+                               hidden_dtype=transfer, names=[_name(samples[i][0]) for i in batch], **extra)  # fmt: skip
         compute_s += time.time() - tb
         for i, out in zip(batch, outs, strict=True):
             meta, tok = samples[i]
+            if projection is not None and not on_device:
+                out["hidden_aux"] = project(out["hidden_aux"], projection.cpu())
             out["input_ids"] = _int_tensor(tok.input_ids, "int32")
             out["loss_mask"] = _int_tensor(tok.loss_mask, "bool")
             totals["tokens"] += len(tok.input_ids)
@@ -464,6 +495,70 @@ def loss_share_warnings(totals: Counter, odd: list[str]) -> list[str]:
         out.append(f"{totals['context_turns']} assistant turn(s) were left without loss: the chat template rewrites "
                    "them in later history (thinking dropped), so they are not what the model generated")  # fmt: skip
     return out
+
+
+def _aux_projection(cfg: ExtractConfig, backend, source: data_mod.DataSource, ids: set[str] | None, aux: list[int],
+                    batch_tokens: int, thinking: str | None):  # fmt: skip
+    """(P on the backend's device, its fingerprint record): the store's published P, else estimated from the
+    calibration slice and published. Under the store lock, so that every worker of the store (any rank, a resumed
+    or repairing run) writes with the same P; an unreadable file is set aside and estimated again (a P that then
+    differs from the one the committed shards were written with is refused by the fingerprint check)."""
+    import torch
+
+    from pipeline.store import store_lock
+
+    root = Path(cfg.out)
+    (root / ".locks").mkdir(parents=True, exist_ok=True)
+    with store_lock(root):
+        path = root / PROJECTION_FILE
+        p = None
+        if path.exists():
+            try:
+                p, record = read_projection_file(root)
+            except ValueError as e:
+                dest = root / f".corrupt-{PROJECTION_FILE}-{int(time.time())}-{os.getpid()}"
+                os.rename(path, dest)
+                tqdm.write(f"{e}; set aside as {dest.name}, estimating it again")
+        if p is None:
+            p, energy, calibration = _calibrate(cfg, backend, source, ids, aux, batch_tokens, thinking)
+            record = describe_projection(p, energy, calibration)
+            save_projection(root, p, record)
+    if record["k"] != cfg.aux_projection or record["calibration"]["tokens"] != cfg.calibration_tokens:
+        raise StoreError(f"{path}: this store's projection has k={record['k']} from "
+                         f"{record['calibration']['tokens']} calibration tokens; this run asks --aux-projection "
+                         f"{cfg.aux_projection} --calibration-tokens {cfg.calibration_tokens} (a store has one "
+                         "projection: extract into a new --out)")  # fmt: skip
+    return p.to(getattr(backend, "device", "cpu"), torch.float32), record
+
+
+def _calibrate(cfg: ExtractConfig, backend, source: data_mod.DataSource, ids: set[str] | None, aux: list[int],
+               batch_tokens: int, thinking: str | None):  # fmt: skip
+    """P (top-k principal directions of the uncentered fused aux features) from the selection's first records,
+    ``cfg.calibration_tokens`` tokens in selection order: a function of the selection, not of ranks or shards."""
+    import torch
+
+    report = data_mod.StreamReport(path=source.spec, format="", records_seen=0, truncated=False,
+                                   truncated_at_byte=None, bytes_read=0)  # fmt: skip
+    rows: list[list[int]] = []
+    taken = records = 0
+    for rec in iter_selection(source, cfg.kind, cfg.offset, cfg.limit, ids, report):
+        if taken >= cfg.calibration_tokens:
+            break
+        tok = _tokenize_record(rec, backend.tokenizer, source.spec, cfg.kind, cfg.max_length, cfg.fim_tokens,
+                               thinking)  # fmt: skip
+        if isinstance(tok, data_mod.Skip):
+            continue
+        rows.append(tok.input_ids[: cfg.calibration_tokens - taken])  # a prefix: causal, same features
+        taken += len(rows[-1])
+        records += 1
+    width = len(aux) * int(backend.config["hidden_size"])
+    gram = GramAccumulator(width, getattr(backend, "device", "cpu"))
+    for batch in length_buckets([len(r) for r in rows], batch_tokens):
+        for out in backend.forward([rows[i] for i in batch], aux, 1, False, True, hidden_dtype=torch.float32):
+            x = out["hidden_aux"].reshape(out["hidden_aux"].shape[0], -1)
+            gram.add(x[torch.isfinite(x).all(dim=1)])
+    p, energy = principal_projection(gram.gram, cfg.aux_projection)
+    return p, energy, {"tokens": cfg.calibration_tokens, "rows": gram.rows, "records": records}
 
 
 def _flagged_by_verify(root: Path) -> set[int]:

@@ -71,6 +71,7 @@ from pipeline.store.format import (  # noqa: F401
     fingerprint_digest,
     load_store_meta,
     missing_fingerprint_fields,
+    projection_of,
     read_store_meta,
     sha256_file,
     sha256_files,
@@ -91,6 +92,17 @@ from pipeline.store.leftovers import (  # noqa: F401
     describe_leftover,
     find_leftovers,
     store_lock,
+)
+from pipeline.store.projection import (  # noqa: F401
+    DEFAULT_CALIBRATION_TOKENS,
+    PROJECTION_FILE,
+    GramAccumulator,
+    describe_projection,
+    load_projection,
+    principal_projection,
+    project,
+    read_projection_file,
+    save_projection,
 )
 from pipeline.store.reader import (  # noqa: F401
     StoreReader,

@@ -3,20 +3,34 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.store.dtypes import _PRECISION, HIDDEN_DTYPES, LOGPROB_DTYPES, topk_ids_dtype
 from pipeline.store.errors import StoreError
-from pipeline.store.format import FORMAT_VERSION, SampleMeta, TargetPieces
+from pipeline.store.format import FORMAT_VERSION, SampleMeta, TargetPieces, projection_of
 from pipeline.store.inspect import inspect_store
+from pipeline.store.projection import (
+    DEFAULT_CALIBRATION_TOKENS,
+    PROJECTION_FILE,
+    GramAccumulator,
+    describe_projection,
+    principal_projection,
+    project,
+    read_projection_file,
+    save_projection,
+)
 from pipeline.store.reader import StoreReader
 from pipeline.store.writer import StoreWriter
 
 
 def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dtype: str | None = None,
                    codec: str | None = None, logprob_dtype: str | None = None, io_workers: int | None = None,
+                   aux_projection: int | str | None = "keep", calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
                    progress: bool = False) -> dict:  # fmt: skip
     """Write a complete store again with other storage dtypes / codec, without running the target.
 
@@ -25,6 +39,11 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     result is what ``pipeline extract`` with those flags writes whenever the source holds the values the target
     computed (stored in its compute dtype or wider). Precision only goes down (fp32 -> bf16/fp16 -> fp8);
     re-running resumes (committed shards are kept). Returns ``inspect_store(dst)``.
+
+    ``aux_projection``: ``"keep"`` (the source's: projected stays projected with its P), ``"auto"`` (k = H) or k
+    (project a whole ``hidden_aux``; P is estimated from the stored features of the first samples of the selection,
+    ``calibration_tokens`` tokens, as extraction does from the target's: equal up to rounding), None (whole; a
+    projected source cannot be unprojected).
     """
     from tqdm import tqdm
 
@@ -46,6 +65,8 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     fp["dtypes"].update(hidden=hidden_dtype, topk_logprobs=logprob_dtype,
                         topk_ids=topk_ids_dtype(int(fp["model"]["vocab_size"])))  # fmt: skip
     fp["sharding"]["codec"] = codec or fp["sharding"]["codec"]
+    fp["projection"] = fp.get("projection") or {}
+    projection = _projection(reader, Path(dst), fp, aux_projection, calibration_tokens)
     target = TargetPieces(reader.target_config(), reader.target_weights(), _CopyDir(reader.tokenizer_dir))
     writer = StoreWriter(dst, fp, reader.plan, target, io_workers=io_workers)
     bar = tqdm(total=len(reader), desc=f"re-encode {Path(dst).name}", disable=not progress, unit="sample")
@@ -61,7 +82,10 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
                 i = first + j
                 meta = SampleMeta(int(s.index["sample_id"][j]), int(s.index["source_index"][j]),
                                   str(s.index["record_id"][j]), bool(s.index["truncated"][j]))  # fmt: skip
-                if not sw.append(meta, reader.sample(i)):
+                sample = reader.sample(i)
+                if projection is not None:
+                    sample["hidden_aux"] = project(sample["hidden_aux"], projection)
+                if not sw.append(meta, sample):
                     raise StoreError(f"{src}: sample {meta.sample_id} ({meta.record_id!r}) is not finite as "
                                      f"{hidden_dtype}")  # fmt: skip
                 bar.update(1)
@@ -72,6 +96,49 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     writer.close()
     bar.close()
     return inspect_store(dst)
+
+
+def _projection(reader: StoreReader, dst: Path, fp: dict, k: int | str | None, calibration_tokens: int):
+    """P to apply to the source's ``hidden_aux`` (None: written as read), publishing it in ``dst`` and recording it
+    in ``fp`` (a resumed conversion finds it published)."""
+    source = projection_of(reader.fingerprint, "hidden_aux")
+    if k == "keep" or "hidden_aux" not in reader.fields:
+        if source is not None:
+            _publish(dst, reader.projection("hidden_aux"), source)
+        return None
+    if k == "auto":
+        k = int(fp["model"]["hidden_size"])
+    if source is not None:
+        if k == source["k"]:
+            _publish(dst, reader.projection("hidden_aux"), source)
+            return None
+        raise StoreError(f"{reader.root}: hidden_aux is stored projected to k={source['k']}; it cannot be written "
+                         f"{'whole' if k is None else f'with k={k}'} (re-extract instead)")  # fmt: skip
+    if k is None:
+        return None
+    dst.mkdir(parents=True, exist_ok=True)
+    if (dst / PROJECTION_FILE).exists():  # a resumed conversion: the P its committed shards were written with
+        p, record = read_projection_file(dst)
+    else:
+        gram = GramAccumulator(math.prod(reader.fields["hidden_aux"][0]))
+        records = 0
+        for i in np.argsort(reader.sample_ids, kind="stable"):  # selection order, as extraction calibrates
+            if gram.rows >= calibration_tokens:
+                break
+            x = reader.sample(int(i), ("hidden_aux",))["hidden_aux"][: calibration_tokens - gram.rows]
+            gram.add(x)
+            records += 1
+        p, energy = principal_projection(gram.gram, k)
+        record = describe_projection(p, energy, {"tokens": calibration_tokens, "rows": gram.rows, "records": records})
+    _publish(dst, p, record)
+    fp["projection"]["hidden_aux"] = record
+    return p
+
+
+def _publish(dst: Path, p, record: dict) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    if not (dst / PROJECTION_FILE).exists():
+        save_projection(dst, p, record)
 
 
 class _CopyDir:

@@ -18,8 +18,9 @@ import torch
 from pipeline.store.dtypes import FP8, SCALE_SUFFIX
 from pipeline.store.errors import StoreError
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)  # version 1: no fp8, int32 top-k ids, no target/commit.arrow; everything else reads the same
+FORMAT_VERSION = 3
+# version 1: no fp8, int32 top-k ids, no target/commit.arrow; version 2: no projection; everything else reads the same
+READABLE_FORMATS = (1, 2, 3)
 
 STORE_FILE = "store.arrow"
 VERIFY_FILE = "verify.arrow"
@@ -179,8 +180,14 @@ def field_shapes(fp: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     if "hidden_last" in fp["layers"]["stored"]:
         shapes["hidden_last"] = ((h,), hidden)
     if "hidden_aux" in fp["layers"]["stored"]:
-        shapes["hidden_aux"] = ((len(fp["layers"]["aux"]), h), hidden)
+        projected = projection_of(fp, "hidden_aux")
+        shapes["hidden_aux"] = ((projected["k"],) if projected else (len(fp["layers"]["aux"]), h), hidden)
     return shapes
+
+
+def projection_of(fp: dict, name: str) -> dict | None:
+    """The fingerprint's record of the fixed projection ``name`` is stored under (format 3), or None."""
+    return (fp.get("projection") or {}).get(name)
 
 
 def array_shapes(fp: dict) -> dict[str, tuple[tuple[int, ...], str]]:

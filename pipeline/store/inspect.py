@@ -62,6 +62,7 @@ def inspect_store(root: str | os.PathLike) -> dict:
         "complete": not reader.missing_shards and not reader.bad_shards and not reader.target_problems,
         "last_verify": verify,
         "leftovers": find_leftovers(reader.root),
+        "projection": reader.fingerprint.get("projection") or {},
         "fingerprint": reader.fingerprint,
         "fingerprint_digest": reader.digest,
         "plan": reader.plan,

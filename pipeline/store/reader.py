@@ -28,11 +28,13 @@ from pipeline.store.format import (
     array_shapes,
     chunk_key,
     field_shapes,
+    projection_of,
     read_store_meta,
     sha256_file,
     shard_name,
 )
 from pipeline.store.integrity import ShardInfo, check_target, open_shard
+from pipeline.store.projection import PROJECTION_FILE, load_projection
 
 
 class StoreReader:
@@ -64,6 +66,9 @@ class StoreReader:
         self.verify_reads = verify_reads
         self.vocab_size = int(self.fingerprint["model"]["vocab_size"])
         self.target_files, self.target_problems = check_target(self.root, self.format_version)
+        if any(projection_of(self.fingerprint, n) for n in self.fields) and not (self.root / PROJECTION_FILE).exists():
+            raise StoreError(f"{self.root / PROJECTION_FILE}: missing; the store's features were written through this "
+                             "projection and cannot be read without it (re-extract into a new --out)")  # fmt: skip
         self.shards: list[ShardInfo] = []
         self.bad_shards: dict[int, list[str]] = {}
         for path in sorted((self.root / SHARDS_DIR).glob("shard-*")):
@@ -225,7 +230,12 @@ class StoreReader:
             import numcodecs
 
             codec = numcodecs.Zstd() if names[1] == "zstd" else numcodecs.Blosc()
-            return np.frombuffer(codec.decode(path.read_bytes()), dtype=dtype).reshape(shape)
+            try:
+                return np.frombuffer(codec.decode(path.read_bytes()), dtype=dtype).reshape(shape)
+            except (RuntimeError, ValueError) as e:  # a damaged compressed chunk: an error, never a traceback
+                raise StoreError(f"{path}: shard {self.shards[k].shard}, chunk {c} of {name} cannot be decoded ({e}); "
+                                 f"`pipeline verify {self.root}` checks every chunk, re-running the same `pipeline "
+                                 "extract` redoes the shard") from e  # fmt: skip
         key = (k, name)
         if key not in self._zarr:
             import zarr
@@ -297,6 +307,16 @@ class StoreReader:
             return load_file(str(path))
         except (OSError, SafetensorError) as e:
             raise StoreError(f"{path}: unreadable ({e}); re-run the same `pipeline extract` to rewrite it") from e
+
+    def projection(self, name: str = "hidden_aux") -> torch.Tensor:
+        """P [k, A*H] fp32 of a projected field (the field holds P·x), checked against the fingerprint's sha256."""
+        record = projection_of(self.fingerprint, name)
+        if record is None:
+            raise StoreError(f"{self.root}: field {name!r} is stored whole (no projection)")
+        try:
+            return load_projection(self.root, record, name)
+        except ValueError as e:
+            raise StoreError(f"{e}; re-extract into a new --out") from e
 
     def token_counts(self) -> np.ndarray:
         counts = np.zeros(self.vocab_size, np.int64)

@@ -28,6 +28,7 @@ from pipeline.store.format import (
 )
 from pipeline.store.integrity import check_target, open_shard
 from pipeline.store.leftovers import store_lock
+from pipeline.store.projection import PROJECTION_FILE, load_projection
 
 
 def verify_store(root: str | os.PathLike, write_result: bool = True) -> list[str]:
@@ -43,6 +44,11 @@ def verify_store(root: str | os.PathLike, write_result: bool = True) -> list[str
     if missing:
         problems.append(f"{STORE_FILE}: fingerprint incomplete, missing {', '.join(missing)}")
     problems += check_target(root, meta["format_version"], full=True)[1]
+    for name, record in (fp.get("projection") or {}).items():
+        try:
+            load_projection(root, record, name)
+        except ValueError as e:
+            problems.append(f"{PROJECTION_FILE}: {str(e).split(': ', 1)[-1]}")
     try:
         fields = array_shapes(fp)
     except (KeyError, TypeError) as e:

@@ -143,10 +143,13 @@ class StoreWriter:
         meta = read_store_meta(self.root)
         diffs = diff_fingerprints(meta["fingerprint"], self.fingerprint)
         if diffs:
+            old = meta["format_version"] < FORMAT_VERSION
             raise StoreError(
                 f"{final}: this store was extracted with a different fingerprint; refusing to mix. "
                 "Differing fields:\n  " + "\n  ".join(diffs) + "\nUse a new --out directory for a different extraction."
-            )
+                + (f"\nIt is a format {meta['format_version']} store: `pipeline convert {self.root} --out NEW` "
+                   f"rewrites it as format {FORMAT_VERSION}." if old else "")
+            )  # fmt: skip
         if meta["plan"] != self.plan:
             raise StoreError(f"{final}: shard plan {meta['plan']} differs from this run's {self.plan}")
 

@@ -23,6 +23,7 @@ Two shuffles:
 from __future__ import annotations
 
 import hashlib
+import math
 import queue
 import threading
 import time
@@ -206,9 +207,7 @@ def collate(reader: StoreReader, pack: list[tuple[int, int]], fields: tuple[str,
         "position_ids": torch.zeros(1, width, dtype=torch.long),
         "doc_ids": torch.full((1, width), -1, dtype=torch.long),
     }
-    fp = reader.fingerprint
-    h, k, a = fp["model"]["hidden_size"], fp["top_k"], len(fp["layers"]["aux"])
-    sizes = {"hidden_last": h, "hidden_aux": a * h, "topk_ids": k, "topk_logprobs": k}
+    sizes = {name: math.prod(reader.fields[name][0]) for name in fields}  # hidden_aux: A*H, or k when projected
     for name in fields:
         dtype = torch.long if name == "topk_ids" else torch.float32
         out[name] = torch.zeros(1, width, sizes[name], dtype=dtype)

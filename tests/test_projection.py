@@ -1,0 +1,165 @@
+"""EAGLE-3's projected store (format 3): P from a calibration slice, y = P·x stored, fc' over k inputs in training,
+fc = fc'·P at export; the same P for every worker, resume and conversion; older layouts still readable."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline import store as st
+from pipeline.cli import main as cli
+from pipeline.draft.export import export_draft, load_export
+from pipeline.extract.runner import ExtractConfig, run_extract
+from pipeline.train import variants
+from pipeline.train.trainer import TrainConfig, train
+
+KW = dict(limit=8, max_length=96, top_k=8, shard_size=4, progress=False)
+WHOLE = dict(hidden_dtype="float32", logprob_dtype="float32", codec="none", aux_projection=None)
+
+
+def extract(model, out: Path, **kw) -> dict:
+    return run_extract(ExtractConfig(out=out, model=str(model), **{**KW, **kw}))
+
+
+def test_principal_projection_keeps_the_dominant_subspace():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))[0][:, :3]  # [12, 3]
+    x = torch.randn(500, 3, generator=g, dtype=torch.float64) * torch.tensor([5.0, 3.0, 2.0]) @ basis.T
+    x += 1e-3 * torch.randn(500, 12, generator=g, dtype=torch.float64)
+    acc = st.GramAccumulator(12)
+    acc.add(x[:200])
+    acc.add(x[200:])
+    p, energy = st.principal_projection(acc.gram, 3)
+    assert p.shape == (3, 12) and torch.allclose(p @ p.T, torch.eye(3), atol=1e-5)
+    assert energy > 0.9999
+    assert torch.allclose(p.double().T @ (p.double() @ basis), basis, atol=1e-3)  # the span of the basis is kept
+    again, _ = st.principal_projection(acc.gram.clone(), 3)
+    assert torch.equal(p, again)  # signs fixed: a function of the matrix
+    with pytest.raises(ValueError, match="must lie in"):
+        st.principal_projection(acc.gram, 13)
+
+
+def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_path, one_thread):
+    """Default extraction = compact store with hidden_aux = P·x (k = H); the stored rows are P·x of the whole
+    extraction's x; a head trained on it exports fc = fc'·P whose logits on the whole features equal the trained
+    head's on the projected ones; inspect shows k and the kept energy."""
+    whole = tmp_path / "whole"
+    extract(tiny_llama_dir, whole, **WHOLE)
+    exact = tmp_path / "exact"  # projected, fp32: the projection alone
+    extract(tiny_llama_dir, exact, hidden_dtype="float32", logprob_dtype="float32", codec="none")
+    compact = tmp_path / "compact"
+    extract(tiny_llama_dir, compact)  # the defaults
+    h = 64
+    for root in (exact, compact):
+        r = st.StoreReader(root)
+        rec = r.fingerprint["projection"]["hidden_aux"]
+        assert r.format_version == 3 and rec["k"] == h and rec["input_width"] == 3 * h
+        assert r.fields["hidden_aux"][0] == (h,) and (root / st.PROJECTION_FILE).exists()
+    assert st.StoreReader(compact).fingerprint["dtypes"]["hidden"] == st.FP8
+    assert st.StoreReader(compact).fingerprint["sharding"]["codec"] == "zstd"
+    w, e = st.StoreReader(whole), st.StoreReader(exact)
+    p = e.projection()
+    assert torch.equal(p, st.StoreReader(compact).projection())  # the same calibration slice, the same P
+    for i in range(len(w)):
+        x, y = w.sample(i)["hidden_aux"], e.sample(i)["hidden_aux"]
+        assert torch.allclose(st.project(x, p), y, atol=1e-4, rtol=1e-4)
+    assert st.inspect_store(compact)["bytes_per_token_total"] < st.inspect_store(whole)["bytes_per_token_total"] / 6
+
+    cfg = TrainConfig(feats=str(exact), out=str(tmp_path / "run"), variant="eagle3", max_steps=3, draft_vocab_size=512,
+                      ttt_steps=2, tokens_per_batch=256, lr=3e-3, progress=False)  # fmt: skip
+    train(cfg)
+    model, _ = variants.load_run(cfg.out)
+    assert model.fc.weight.shape == (h, h) and torch.equal(model.aux_projection, p)
+    out = export_draft(model, None, tmp_path / "head", "vllm")
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "model.safetensors"))
+    assert weights["fc.weight"].shape == (h, 3 * h) and "aux_projection" not in weights
+    assert "aux_projection_dim" not in json.dumps(json.loads((out / "config.json").read_text())["pipeline"]) or \
+        json.loads((out / "config.json").read_text())["pipeline"]["draft_config"]["aux_projection_dim"] == 0
+    served, _ = load_export(out)
+    x = w.sample(0)["hidden_aux"].reshape(1, -1, 3 * h)
+    y = e.sample(0)["hidden_aux"].reshape(1, -1, h)
+    assert torch.allclose(served.fuse(x), model.fuse(y), atol=1e-4)
+    assert torch.allclose(model.fuse(x), model.fuse(y), atol=1e-4)  # a projected head also takes whole features
+
+    if importlib.util.find_spec("speculators") is not None:  # the speculators package's loader: our logits
+        from pipeline.draft.speculators_check import compare_logits, load_with_speculators
+
+        theirs = load_with_speculators(export_draft(model, None, tmp_path / "spec", "speculators", dtype=torch.float32))
+        n = y.shape[1]
+        row = {"input_ids": e.sample(0)["input_ids"].long()[None], "loss_mask": e.sample(0)["loss_mask"].float()[None],
+               "position_ids": torch.arange(n)[None], "doc_ids": torch.zeros(1, n, dtype=torch.long), "hidden_aux": y}
+        for step in compare_logits(model.float(), theirs, row, steps=2):
+            assert step["rel_diff"] < 1e-4 and step["argmax_agree"] == 1.0, step
+
+    res = CliRunner().invoke(cli, ["inspect", str(compact)])
+    assert res.exit_code == 0 and f"k={h} of {3 * h}" in res.output and "kept energy" in res.output
+
+
+def test_one_projection_for_every_worker_resume_and_conversion(tiny_llama_dir, tmp_path, one_thread):
+    """Two ranks, a redone shard and `pipeline convert --compact` of a whole store all write with one published P;
+    a different k into the same store is refused; a projected store cannot be converted back to whole."""
+    root = tmp_path / "ranks"
+    extract(tiny_llama_dir, root, rank=1, world_size=2)
+    p = st.read_projection_file(root)[0]
+    extract(tiny_llama_dir, root, rank=0, world_size=2)
+    r = st.StoreReader(root)
+    assert len(r.shards) == 2 and torch.equal(r.projection(), p)
+    single = tmp_path / "single"
+    extract(tiny_llama_dir, single)
+    assert _chunk_checksums(single) == _chunk_checksums(root)  # the same bytes as one worker
+    victim = next(f for f in (root / "shards" / "shard-00001" / "tensors" / "hidden_aux" / "c").rglob("*") if f.is_file())
+    victim.write_bytes(b"\0" + victim.read_bytes()[1:])
+    summary = extract(tiny_llama_dir, root)  # the open checks miss a flipped byte: verify names it, re-run redoes
+    assert summary["shards"]["written"] == 0
+    assert CliRunner().invoke(cli, ["verify", str(root)]).exit_code != 0
+    summary = extract(tiny_llama_dir, root)
+    assert summary["shards"]["repaired"] and _chunk_checksums(root) == _chunk_checksums(single)
+    with pytest.raises(st.StoreError, match="k=64 .* --aux-projection 32"):
+        extract(tiny_llama_dir, root, aux_projection=32)
+
+    whole = tmp_path / "whole"
+    extract(tiny_llama_dir, whole, **WHOLE)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["convert", str(whole), "--out", str(tmp_path / "conv"), "--compact", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    conv = st.StoreReader(tmp_path / "conv")
+    assert conv.fingerprint["projection"]["hidden_aux"]["k"] == 64 and conv.fingerprint["dtypes"]["hidden"] == st.FP8
+    # estimated from the stored fp32 values of the same calibration slice: P equal up to rounding
+    assert torch.allclose(conv.projection().abs(), p.abs(), atol=1e-3)
+    res = runner.invoke(cli, ["convert", str(root), "--out", str(tmp_path / "back"), "--aux-projection", "none"])
+    assert res.exit_code == 2 and "re-extract" in res.output
+
+
+def test_format_2_store_reads_and_extracting_into_it_names_convert(tiny_llama_dir, tmp_path, monkeypatch, one_thread):
+    """A store written as format 2 (whole features, no projection record) still trains; extracting the format-3
+    default into it is refused with the `pipeline convert` command that upgrades it."""
+    import pipeline.extract.runner as runner_mod
+    import pipeline.store.writer as writer_mod
+
+    old = tmp_path / "v2"
+    with monkeypatch.context() as m:
+        m.setattr(runner_mod, "FORMAT_VERSION", 2)
+        m.setattr(writer_mod, "FORMAT_VERSION", 2)
+        extract(tiny_llama_dir, old, hidden_dtype="bfloat16", logprob_dtype="float32", codec="none",
+                aux_projection=None)  # fmt: skip
+    r = st.StoreReader(old)
+    assert r.format_version == 2 and r.fields["hidden_aux"][0] == (3, 64)
+    with pytest.raises(st.StoreError, match=f"pipeline convert {old} --out NEW"):
+        extract(tiny_llama_dir, old, hidden_dtype="bfloat16", logprob_dtype="float32", codec="none",
+                aux_projection=None)  # fmt: skip
+
+
+def _chunk_checksums(root: Path) -> dict:
+    out = {}
+    for shard in sorted((root / "shards").glob("shard-*")):
+        for row in st._read_arrow(shard / st.COMMIT_FILE).to_pylist():
+            if row["path"].startswith("tensors/"):
+                out[(shard.name, row["path"])] = row["sha256"]
+    return out
