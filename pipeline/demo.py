@@ -24,9 +24,11 @@ class DemoConfig:
     # ~1.5 CPU-minutes of training per head; measured on the demo's store (held-out simulated τ at depth 5, same
     # held-out samples): short 1,024-token rows learn more per second and per token than 2,048-token ones, and one
     # EAGLE-3 TTT step more than three at this budget. EAGLE-1: 40 x 2,048 tokens 1.105 -> 80 x 1,024 1.171;
-    # EAGLE-3: 30 x 2,048 with 3 TTT steps 1.180 (105 s), 90 x 2,048 with 1: 1.268, 180 x 1,024 with 1: 1.329 (94 s)
-    eagle1_steps: int = 80
-    eagle3_steps: int = 180
+    # EAGLE-3: 30 x 2,048 with 3 TTT steps 1.180 (105 s), 90 x 2,048 with 1: 1.268, 180 x 1,024 with 1: 1.329 (94 s).
+    # The training step then got 1.40x (EAGLE-1) and 2.05x (EAGLE-3) faster (bench/train.py, README "Training
+    # speed"): the same CPU-minutes now buy 110 and 360 steps.
+    eagle1_steps: int = 110
+    eagle3_steps: int = 360
     tokens_per_batch: int = 1024
     draft_vocab_size: int = 4096
     ttt_steps: int = 1
