@@ -192,10 +192,11 @@ def test_full_target_objective_uses_the_softcapped_logits(models):
     ids = torch.randint(0, V, (1, 10))
     out = target(ids, output_hidden_states=True)
     batch = {"hidden_last": out.hidden_states[-1]}
-    arg, ce_fn = _step_target(head, batch, 0, "full")
-    p = torch.softmax(out.logits[0, 1:].float(), -1)  # row t + 1
-    logq = torch.log_softmax(torch.randn(1, 10, V), -1)
-    torch.testing.assert_close(ce_fn(logq)[0, :9], -(p * logq[0, :9]).sum(-1), rtol=1e-4, atol=1e-4)
+    arg, draft_ids, p = _step_target(head, batch, 0, "full")
+    used = torch.arange(head.d2t.shape[0]) + head.d2t  # the draft vocabulary in target ids
+    want = torch.softmax(out.logits[0, 1:, used].float(), -1)  # row t + 1, softcapped by the target itself
+    assert draft_ids is None
+    torch.testing.assert_close(p[0, :9], want, rtol=1e-4, atol=1e-5)
     assert torch.equal(arg[0, :9], out.logits[0, 1:].argmax(-1))
 
 
