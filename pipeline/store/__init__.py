@@ -90,6 +90,7 @@ from pipeline.store.integrity import (  # noqa: F401
 from pipeline.store.leftovers import (  # noqa: F401
     clean_leftovers,
     describe_leftover,
+    disk_usage,
     find_leftovers,
     store_lock,
 )

@@ -69,7 +69,7 @@ def find_leftovers(root: str | os.PathLike) -> list[dict]:
         out.append((p, state(_shard_lock(root, m.group(1)) if m else None)))
     for p in sorted([*root.glob(f"{CORRUPT_PREFIX}*"), *(root / SHARDS_DIR).glob(f"{CORRUPT_PREFIX}*")]):
         out.append((p, "set aside"))
-    return [{"path": str(p.relative_to(root)), "bytes": _du(p), "state": state} for p, state in out]
+    return [{"path": str(p.relative_to(root)), "bytes": disk_usage(p), "state": state} for p, state in out]
 
 
 def describe_leftover(item: dict) -> str:
@@ -80,7 +80,8 @@ def describe_leftover(item: dict) -> str:
     return f"{item['path']} ({item['bytes']:,} bytes): {what}"
 
 
-def _du(p: Path) -> int:
+def disk_usage(p: Path) -> int:
+    """Bytes a file or directory takes on disk (0 when it is gone meanwhile)."""
     try:
         if p.is_dir():
             return sum(q.stat().st_blocks * 512 for q in p.rglob("*") if q.is_file())

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.locks import FileLock
-from pipeline.store import TMP_PREFIX, io_error_message
+from pipeline.store import TMP_PREFIX, disk_usage, io_error_message
 from pipeline.store import as_os_error as store_os_error
 
 LOCK_FILE = ".train.lock"
@@ -50,7 +50,7 @@ def clean_leftovers(run_dir: Path) -> list[str]:
     removed = []
     for p in sorted(run_dir.iterdir()) if run_dir.is_dir() else []:
         if TMP_PREFIX in p.name or p.name.endswith(OLD_SUFFIX):
-            size = _du(p)
+            size = disk_usage(p)
             with writing(p, "removing a dead writer's temporary file"):
                 if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
@@ -58,15 +58,6 @@ def clean_leftovers(run_dir: Path) -> list[str]:
                     p.unlink()
             removed.append(f"{p.name} ({size:,} bytes)")
     return removed
-
-
-def _du(p: Path) -> int:
-    try:
-        if p.is_dir():
-            return sum(q.stat().st_blocks * 512 for q in p.rglob("*") if q.is_file())
-        return p.stat().st_blocks * 512
-    except OSError:
-        return 0
 
 
 def write_json(path: Path, obj: object) -> None:
