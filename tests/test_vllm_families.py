@@ -1,6 +1,6 @@
 """What vLLM serves for each family's export: its rope (vLLM's own ``get_rope`` on the exported config rotates
 exactly as the draft trained: partial rotary, Gemma-3's full-attention rope, DeepSeek/gpt-oss yarn, Phi longrope)
-and, for one family beyond Llama, the EAGLE-3 export served by vLLM's CPU build with the HF evaluator's acceptance.
+and, for the families in SERVED, the EAGLE-3 export served by vLLM's CPU build with the HF evaluator's acceptance.
 
 Skipped without vllm, failed instead where CI requires it (PIPELINE_REQUIRE_VLLM=1)."""
 
@@ -52,12 +52,15 @@ def test_vllm_rotates_the_exported_draft_as_it_was_trained(tmp_path, family):
     torch.testing.assert_close(k_v, k_d, rtol=1e-4, atol=1e-4)
 
 
-SERVED = "qwen3"  # one family beyond the Llama of test_vllm_live.py: two engine start-ups (baseline, EAGLE-3)
+# families beyond the Llama of test_vllm_live.py that vLLM's CPU build serves here: two engine start-ups each
+# (baseline, EAGLE-3), about a minute a family on this CPU
+SERVED = ["qwen3", "qwen2", "mistral", "qwen3_moe"]
 
 
 @pytest.mark.slow
-def test_eagle3_export_of_another_family_is_served_by_vllm(tmp_path, smollm2_tokenizer):
-    """A tiny random Qwen3 target (SmolLM2's tokenizer) and an EAGLE-3 head fitted to its own greedy answers,
+@pytest.mark.parametrize("family", SERVED)
+def test_eagle3_export_of_another_family_is_served_by_vllm(tmp_path, smollm2_tokenizer, family):
+    """A tiny random target of ``family`` (SmolLM2's tokenizer) and an EAGLE-3 head fitted to its own greedy answers,
     exported and served by vLLM's CPU build: lossless, and the same verification steps as the HF evaluator."""
     from synthetic_draft import fit_draft, greedy_continuations, tiny_draft
 
@@ -66,8 +69,10 @@ def test_eagle3_export_of_another_family_is_served_by_vllm(tmp_path, smollm2_tok
     from pipeline.evaluate.vllm_engine import engine_options, evaluate_vllm
 
     model_dir = tmp_path / "target"
-    # head_dim 64: vLLM's CPU attention kernels exist for a few head sizes only (16 is refused)
-    target = family_model(SERVED, len(smollm2_tokenizer), layers=8, init_std=0.1, head_dim=64)
+    # head_dim 64: vLLM's CPU attention kernels exist for a few head sizes only (16 is refused); Qwen2 has no head_dim
+    # field (hidden / heads), so its hidden size makes it 64
+    size = {"hidden": 256} if family == "qwen2" else {"head_dim": 64}
+    target = family_model(family, len(smollm2_tokenizer), layers=8, init_std=0.1, **size)
     target.save_pretrained(model_dir)
     smollm2_tokenizer.save_pretrained(model_dir)
     prompts = tmp_path / "p.jsonl"
@@ -92,7 +97,7 @@ def test_eagle3_export_of_another_family_is_served_by_vllm(tmp_path, smollm2_tok
     assert rv["mismatches"] == 0 and rh["mismatches"] == 0 and c["drafts"] > 0
     assert [p["text"] for p in rv["prompts"]] == [p["text"] for p in rh["prompts"]]
     fv, fh = rv["target_forwards"], rh["target_forwards"]
-    LIVE_REPORT.append(f"vllm families: {SERVED} EAGLE-3 served by vLLM: {fv} verification steps, accepted per "
+    LIVE_REPORT.append(f"vllm families: {family} EAGLE-3 served by vLLM: {fv} verification steps, accepted per "
                        f"position {c['accepted_per_pos']}, tau {rv['acceptance_length']:.3f}; HF evaluator {fh} "
                        f"steps, tau {rh['acceptance_length']:.3f}")  # fmt: skip
     assert abs(fv - fh) <= max(2, 0.05 * fh), (fv, fh)
