@@ -45,9 +45,7 @@ from pipeline.store.inspect import LOSS_SHARE_BOUNDS
 from pipeline.store.projection import (
     DEFAULT_CALIBRATION_TOKENS,
     PROJECTION_FILE,
-    GramAccumulator,
-    describe_projection,
-    principal_projection,
+    fit_projection,
     project,
     read_projection_file,
     save_projection,
@@ -520,8 +518,7 @@ def _aux_projection(cfg: ExtractConfig, backend, source: data_mod.DataSource, id
                 os.rename(path, dest)
                 tqdm.write(f"{e}; set aside as {dest.name}, estimating it again")
         if p is None:
-            p, energy, calibration = _calibrate(cfg, backend, source, ids, aux, batch_tokens, thinking)
-            record = describe_projection(p, energy, calibration)
+            p, record = _calibrate(cfg, backend, source, ids, aux, batch_tokens, thinking)
             save_projection(root, p, record)
     if record["k"] != cfg.aux_projection or record["calibration"]["tokens"] != cfg.calibration_tokens:
         raise StoreError(f"{path}: this store's projection has k={record['k']} from "
@@ -540,7 +537,7 @@ def _calibrate(cfg: ExtractConfig, backend, source: data_mod.DataSource, ids: se
     report = data_mod.StreamReport(path=source.spec, format="", records_seen=0, truncated=False,
                                    truncated_at_byte=None, bytes_read=0)  # fmt: skip
     rows: list[list[int]] = []
-    taken = records = 0
+    taken = 0
     for rec in iter_selection(source, cfg.kind, cfg.offset, cfg.limit, ids, report):
         if taken >= cfg.calibration_tokens:
             break
@@ -550,15 +547,15 @@ def _calibrate(cfg: ExtractConfig, backend, source: data_mod.DataSource, ids: se
             continue
         rows.append(tok.input_ids[: cfg.calibration_tokens - taken])  # a prefix: causal, same features
         taken += len(rows[-1])
-        records += 1
+
+    def features():  # the forward in length buckets, as before: the Gram's summation order is part of P's bits
+        for batch in length_buckets([len(r) for r in rows], batch_tokens):
+            yield from (out["hidden_aux"] for out in backend.forward([rows[i] for i in batch], aux, 1, False, True,
+                                                                     hidden_dtype=torch.float32))  # fmt: skip
+
     width = len(aux) * int(backend.config["hidden_size"])
-    gram = GramAccumulator(width, getattr(backend, "device", "cpu"))
-    for batch in length_buckets([len(r) for r in rows], batch_tokens):
-        for out in backend.forward([rows[i] for i in batch], aux, 1, False, True, hidden_dtype=torch.float32):
-            x = out["hidden_aux"].reshape(out["hidden_aux"].shape[0], -1)
-            gram.add(x[torch.isfinite(x).all(dim=1)])
-    p, energy = principal_projection(gram.gram, cfg.aux_projection)
-    return p, energy, {"tokens": cfg.calibration_tokens, "rows": gram.rows, "records": records}
+    return fit_projection(features(), width, cfg.aux_projection, cfg.calibration_tokens,
+                          getattr(backend, "device", "cpu"))
 
 
 def _flagged_by_verify(root: Path) -> set[int]:

@@ -17,9 +17,7 @@ from pipeline.store.inspect import inspect_store
 from pipeline.store.projection import (
     DEFAULT_CALIBRATION_TOKENS,
     PROJECTION_FILE,
-    GramAccumulator,
-    describe_projection,
-    principal_projection,
+    fit_projection,
     project,
     read_projection_file,
     save_projection,
@@ -120,16 +118,9 @@ def _projection(reader: StoreReader, dst: Path, fp: dict, k: int | str | None, c
     if (dst / PROJECTION_FILE).exists():  # a resumed conversion: the P its committed shards were written with
         p, record = read_projection_file(dst)
     else:
-        gram = GramAccumulator(math.prod(reader.fields["hidden_aux"][0]))
-        records = 0
-        for i in np.argsort(reader.sample_ids, kind="stable"):  # selection order, as extraction calibrates
-            if gram.rows >= calibration_tokens:
-                break
-            x = reader.sample(int(i), ("hidden_aux",))["hidden_aux"][: calibration_tokens - gram.rows]
-            gram.add(x)
-            records += 1
-        p, energy = principal_projection(gram.gram, k)
-        record = describe_projection(p, energy, {"tokens": calibration_tokens, "rows": gram.rows, "records": records})
+        order = np.argsort(reader.sample_ids, kind="stable")  # selection order, as extraction calibrates
+        rows = (reader.sample(int(i), ("hidden_aux",))["hidden_aux"] for i in order)
+        p, record = fit_projection(rows, math.prod(reader.fields["hidden_aux"][0]), k, calibration_tokens)
     _publish(dst, p, record)
     fp["projection"]["hidden_aux"] = record
     return p

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,22 @@ def principal_projection(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, floa
     total = float(torch.diagonal(gram).sum())
     kept = float(values.sort(descending=True).values[:k].clamp_min(0).sum())
     return top.float().contiguous(), (kept / total if total > 0 else 1.0)
+
+
+def fit_projection(rows: Iterable[torch.Tensor], width: int, k: int, calibration_tokens: int,
+                   device: str | torch.device = "cpu") -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """``(P, its fingerprint record)`` from the first ``calibration_tokens`` rows of ``rows`` (one tensor of feature
+    rows per record, in selection order; non-finite rows left out): what extraction and conversion both estimate."""
+    gram = GramAccumulator(width, device)
+    records = 0
+    for x in rows:
+        if gram.rows >= calibration_tokens:
+            break
+        x = x.reshape(x.shape[0], -1)[: calibration_tokens - gram.rows]
+        gram.add(x[torch.isfinite(x).all(dim=1)])
+        records += 1
+    p, energy = principal_projection(gram.gram, k)
+    return p, describe_projection(p, energy, {"tokens": calibration_tokens, "rows": gram.rows, "records": records})
 
 
 def projection_sha256(p: torch.Tensor) -> str:
