@@ -264,7 +264,7 @@ def write_rates(src: Path, work: Path, dtype: str, codec: str, io_workers: int) 
     for i in range(len(reader)):
         s = reader.sample(i)
         for name in ("hidden_last", "hidden_aux"):
-            s[name] = st.Fp8Rows.quantize(s[name]) if dtype == st.FP8 else s[name].to(st.HIDDEN_DTYPES[dtype][1])
+            s[name] = st.ScaledRows.quantize(s[name], dtype) if dtype in st.SCALED else s[name].to(st.HIDDEN_DTYPES[dtype][1])
         samples.append(s)
     fp = {**reader.fingerprint, "dtypes": {**reader.fingerprint["dtypes"], "hidden": dtype,
                                            "topk_ids": st.topk_ids_dtype(int(reader.fingerprint["model"]["vocab_size"]))},
@@ -302,15 +302,18 @@ def disk_write_mb_s(work: Path, mb: int = 256) -> float:
     return mb / wall
 
 
-COMPACT = "P k=H + fp8/zstd, fp16 log-probs (default)"
-# (f): label -> reencode_store arguments; the first is the baseline
+COMPACT = "P k=2H + int7 aux, fp8 last, codec auto, fp16 log-probs (default)"
+# (f): label -> reencode_store arguments ("H", "2H", "H/2": k from the hidden size); the first is the baseline
 QUALITY_LAYOUTS = {
     "bf16/none (format-2 default)": dict(hidden_dtype="bfloat16", codec="none", logprob_dtype="float32"),
-    "compact: P k=H + fp8 + zstd + fp16 (default)": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16",
-                                                         aux_projection="auto"),
+    "compact: P k=2H + int7 + auto codec + fp16 (default)": dict(hidden_dtype=st.FP8, aux_dtype=st.INT7,
+                                                                 codec="auto", logprob_dtype="float16",
+                                                                 aux_projection="2H"),
+    "P k=H + fp8 + zstd + fp16 (format-3 default)": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16",
+                                                         aux_projection="H"),
     "fp8/zstd + fp16, whole": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16"),
     "P k=H/2 + fp8 + zstd + fp16": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16",
-                                        aux_projection="half"),
+                                        aux_projection="H/2"),
 }
 
 
@@ -326,8 +329,8 @@ def quality(src: Path, work: Path, steps_list: list[int], seeds: list[int], layo
     paths = {}
     for label in layouts:
         kw = dict(QUALITY_LAYOUTS[label])
-        if kw.get("aux_projection") == "half":
-            kw["aux_projection"] = h // 2
+        if isinstance(kw.get("aux_projection"), str):
+            kw["aux_projection"] = {"H": h, "2H": 2 * h, "H/2": h // 2}[kw["aux_projection"]]
         paths[label] = work / f"q-{st.digest(kw)[:8]}"
         if not (paths[label] / "store.arrow").exists() or st.inspect_store(paths[label])["complete"] is False:
             st.reencode_store(src, paths[label], **kw)

@@ -12,7 +12,7 @@ import click
 
 from pipeline import __version__
 from pipeline.extract.runner import ExtractConfig
-from pipeline.options import DTYPE_NAMES, defaults, short_dtype
+from pipeline.options import AUX_CHOICES, CODEC_CHOICES, DTYPE_NAMES, HIDDEN_CHOICES, defaults, short_dtype
 from pipeline.train.trainer import TrainConfig
 
 
@@ -127,12 +127,15 @@ def main() -> None:
               help="File of record ids (one per line) to select.")  # fmt: skip
 @click.option("--max-length", type=int, default=EXTRACT["max_length"], show_default=True, help="Truncate samples to N tokens.")
 @click.option("--top-k", type=int, default=EXTRACT["top_k"], show_default=True, help="Log-probabilities kept per token.")
-@click.option("--hidden-dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8"]), default=short_dtype(EXTRACT["hidden_dtype"]), show_default=True,
+@click.option("--hidden-dtype", type=click.Choice(HIDDEN_CHOICES), default=short_dtype(EXTRACT["hidden_dtype"]), show_default=True,
               help="Storage dtype of the hidden states; fp8 = float8 e4m3 with one fp32 scale per token row.")
+@click.option("--aux-dtype", type=click.Choice(AUX_CHOICES), default=EXTRACT["aux_dtype"], show_default=True,
+              help="Storage dtype of EAGLE-3's features: auto = int7 (7-bit codes, one fp32 scale per row) when "
+              "projected, else --hidden-dtype.")  # fmt: skip
 @click.option("--logprob-dtype", type=click.Choice(["fp32", "fp16"]), default=short_dtype(EXTRACT["logprob_dtype"]), show_default=True,
               help="Storage dtype of the top-k log-probabilities.")
 @click.option("--aux-projection", default=EXTRACT["aux_projection"], show_default=True,
-              help="EAGLE-3 features stored as P·x, P = their top-k principal directions: auto (k = H), none, or k.")
+              help="EAGLE-3 features stored as P·x, P = their top-k principal directions: auto (k = 2H), none, or k.")
 @click.option("--calibration-tokens", type=int, default=EXTRACT["calibration_tokens"], show_default=True,
               help="Tokens of the selection's first records that estimate the projection.")
 @click.option("--for", "stored_for", type=click.Choice(["both", "eagle1", "eagle3"]), default=EXTRACT["stored_for"],
@@ -140,7 +143,8 @@ def main() -> None:
 @click.option("--aux-layers", default=EXTRACT["aux_layers"], help="HF hidden-state indices for EAGLE-3 (default 2,N//2,N-3).")
 @click.option("--shard-size", type=int, default=EXTRACT["shard_size"], show_default=True, help="Source records per shard.")
 @click.option("--chunk-tokens", type=int, default=EXTRACT["chunk_tokens"], show_default=True, help="Zarr chunk length (tokens).")
-@click.option("--codec", type=click.Choice(["none", "zstd", "blosc"]), default=EXTRACT["codec"], show_default=True)
+@click.option("--codec", type=click.Choice(CODEC_CHOICES), default=EXTRACT["codec"], show_default=True,
+              help="auto: bit-shuffled zstd (blosc) for int7 and fp16 arrays, zstd for the others.")
 @click.option("--io-workers", type=int, default=EXTRACT["io_workers"], help="Threads compressing/writing chunks (default min(8, CPUs)).")
 @click.option("--batch-tokens", type=int, default=EXTRACT["batch_tokens"],
               help="Padded tokens per forward (default: 8192 for hf, 65536 for vllm).")  # fmt: skip
@@ -180,6 +184,7 @@ def extract(**kw) -> None:
         out=kw["out"], model=kw["model"], data=kw["data"], data_field=kw["data_field"], thinking=kw["thinking"],
         kind=kw["kind"], offset=kw["offset"], limit=kw["limit"],
         ids_file=kw["ids_file"], max_length=kw["max_length"], top_k=kw["top_k"], hidden_dtype=dtype,
+        aux_dtype=DTYPE_NAMES.get(kw["aux_dtype"], kw["aux_dtype"]),
         logprob_dtype=DTYPE_NAMES[kw["logprob_dtype"]], io_workers=kw["io_workers"],
         aux_projection=_projection(kw["aux_projection"]), calibration_tokens=kw["calibration_tokens"],
         stored_for=kw["stored_for"], aux_layers=_ints(kw["aux_layers"]), shard_size=kw["shard_size"],
@@ -273,7 +278,9 @@ def inspect(store: Path, as_json: bool, samples: tuple[int, ...]) -> None:
     click.echo(f"target       {fp['model']['name']}  layers={fp['model']['num_layers']} H={fp['model']['hidden_size']} "
                f"V={fp['model']['vocab_size']}  backend={fp['backend']}")  # fmt: skip
     click.echo(f"stored       {', '.join(fp['layers']['stored'])}  aux layers={fp['layers']['aux']}  "
-               f"hidden dtype={fp['dtypes']['hidden']}  top-k={fp['top_k']}  max_length={fp['max_length']}")  # fmt: skip
+               f"hidden dtype={fp['dtypes']['hidden']}"
+               + (f" (aux {info['aux_dtype']})" if info["aux_dtype"] not in (None, fp["dtypes"]["hidden"]) else "")
+               + f"  top-k={fp['top_k']}  max_length={fp['max_length']}")  # fmt: skip
     for name, p in info["projection"].items():
         click.echo(f"projection   {name} = P·x, k={p['k']} of {p['input_width']} ({p['method']}, kept energy "
                    f"{p['energy']:.2%} of {p['calibration']['rows']:,} calibration tokens)")  # fmt: skip
@@ -313,20 +320,23 @@ def inspect(store: Path, as_json: bool, samples: tuple[int, ...]) -> None:
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New store directory.")
-@click.option("--hidden-dtype", type=click.Choice(["bf16", "fp16", "fp32", "fp8"]), default=None,
-              help="Default: the source's.")  # fmt: skip
+@click.option("--hidden-dtype", type=click.Choice(HIDDEN_CHOICES), default=None, help="Default: the source's.")
+@click.option("--aux-dtype", type=click.Choice(AUX_CHOICES), default=None,
+              help="EAGLE-3 features' dtype (auto: int7 when projected). Default: the source's.")  # fmt: skip
 @click.option("--logprob-dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="Default: the source's.")
-@click.option("--codec", type=click.Choice(["none", "zstd", "blosc"]), default=None, help="Default: the source's.")
+@click.option("--codec", type=click.Choice(CODEC_CHOICES), default=None, help="Default: the source's.")
 @click.option("--aux-projection", default="keep", show_default=True,
-              help="EAGLE-3 features as P·x: keep (the source's), auto (k = H), none, or k.")
+              help="EAGLE-3 features as P·x: keep (the source's), auto (k = 2H), none, or k.")
 @click.option("--calibration-tokens", type=int, default=EXTRACT["calibration_tokens"], show_default=True,
               help="Tokens of the first samples that estimate a new projection.")
 @click.option("--compact", is_flag=True,
-              help="The layout `pipeline extract` writes by default (fp8, zstd, fp16 log-probs, projection auto); "
+              help="The layout `pipeline extract` writes by default (projection auto, int7 EAGLE-3 and fp8 EAGLE-1 "
+              "features, codec auto, fp16 log-probs); "
               "flags given as well win.")  # fmt: skip
 @click.option("--no-progress", is_flag=True)
-def convert(store: Path, out: Path, hidden_dtype: str | None, logprob_dtype: str | None, codec: str | None,
-            aux_projection: str, calibration_tokens: int, compact: bool, no_progress: bool) -> None:  # fmt: skip
+def convert(store: Path, out: Path, hidden_dtype: str | None, aux_dtype: str | None, logprob_dtype: str | None,
+            codec: str | None, aux_projection: str, calibration_tokens: int, compact: bool,
+            no_progress: bool) -> None:  # fmt: skip
     """Re-encode a complete store with other dtypes / codec / projection (e.g. an older or bf16 store into the
     compact default: --compact) without the target."""
     from pipeline.store import StoreError, reencode_store
@@ -335,9 +345,11 @@ def convert(store: Path, out: Path, hidden_dtype: str | None, logprob_dtype: str
         hidden_dtype = hidden_dtype or short_dtype(EXTRACT["hidden_dtype"])
         logprob_dtype = logprob_dtype or short_dtype(EXTRACT["logprob_dtype"])
         codec = codec or EXTRACT["codec"]
+        aux_dtype = aux_dtype or EXTRACT["aux_dtype"]
         aux_projection = EXTRACT["aux_projection"] if aux_projection == "keep" else aux_projection
     try:
         info = reencode_store(store, out, hidden_dtype=DTYPE_NAMES.get(hidden_dtype), codec=codec,
+                              aux_dtype=DTYPE_NAMES.get(aux_dtype, aux_dtype),
                               logprob_dtype=DTYPE_NAMES.get(logprob_dtype), progress=not no_progress,
                               aux_projection="keep" if aux_projection == "keep" else _projection(aux_projection),
                               calibration_tokens=calibration_tokens)  # fmt: skip

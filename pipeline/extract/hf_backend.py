@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.compute import compute_dtype_name, pick_device
-from pipeline.store import Fp8Rows, TargetPieces
+from pipeline.store import ScaledRows, TargetPieces
 from pipeline.store.projection import project
 
 # Bounds the fp32 [tokens, vocab] log-softmax buffer (128k vocab x 2048 tokens = 1 GiB).
@@ -24,7 +24,7 @@ class HFBackend:
     """Runs an HF causal LM and returns, per sample, the tensors the store keeps."""
 
     name = "hf"
-    quantizes_fp8 = True  # forward(hidden_dtype=float8_e4m3fn) returns Fp8Rows quantized on the device
+    quantizes_rows = True  # forward(hidden_dtype / aux_dtype = "float8_e4m3fn" / "int7"): ScaledRows, on the device
     projects_aux = True  # forward(aux_projection=P) returns hidden_aux as P·x [L, k], projected on the device
 
     def __init__(self, model_dir: Path, device: str = "auto", compute_dtype: str = "auto"):
@@ -55,11 +55,13 @@ class HFBackend:
 
     @torch.inference_mode()
     def forward(self, batch: list[list[int]], aux_layers: list[int], top_k: int, want_last: bool, want_aux: bool,
-                hidden_dtype: torch.dtype = torch.float32, names: list[str] | None = None,
-                aux_projection: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
+                hidden_dtype: torch.dtype | str = torch.float32, names: list[str] | None = None,
+                aux_projection: torch.Tensor | None = None,
+                aux_dtype: torch.dtype | str | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
         """Right-padded batch forward; returns per sample {hidden_last [L,H], hidden_aux [L,A,H], topk_*} on the
-        CPU, hidden states already in ``hidden_dtype`` (cast on the device: half the transfer for bf16; fp8 as
-        :class:`~pipeline.store.Fp8Rows` quantized per row on the device, a quarter of fp32). ``names``
+        CPU, hidden states already in ``hidden_dtype`` (``aux_dtype`` for ``hidden_aux``, default the same), cast on
+        the device: half the transfer for bf16; fp8 and int7 (given by name) as :class:`~pipeline.store.ScaledRows`
+        quantized per row on the device, a quarter of fp32. ``names``
         label the samples in errors (the vLLM backend's interface; a local forward has nothing to add).
         ``aux_projection`` (P [k, A*H] on the device): ``hidden_aux`` is ``P·x`` [L, k], projected in fp32 before
         the cast, so only k values per token cross to the host."""
@@ -74,17 +76,18 @@ class HFBackend:
                          output_hidden_states=True, use_cache=False)  # fmt: skip
         hidden = out.hidden_states
 
-        def cast(t: torch.Tensor):
-            return Fp8Rows.quantize(t) if hidden_dtype == torch.float8_e4m3fn else t.to(hidden_dtype)
+        def cast(t: torch.Tensor, dtype: torch.dtype | str):
+            return ScaledRows.quantize(t, dtype) if isinstance(dtype, str) else t.to(dtype)
 
         results = []
         for i, n in enumerate(lengths):
             sample: dict = {}
             if want_last:
-                sample["hidden_last"] = cast(hidden[-1][i, :n])
+                sample["hidden_last"] = cast(hidden[-1][i, :n], hidden_dtype)
             if want_aux:
                 fused = torch.stack([hidden[a][i, :n] for a in aux_layers], dim=1)
-                sample["hidden_aux"] = cast(fused if aux_projection is None else project(fused, aux_projection))
+                sample["hidden_aux"] = cast(fused if aux_projection is None else project(fused, aux_projection),
+                                            hidden_dtype if aux_dtype is None else aux_dtype)
             sample["topk_logprobs"], sample["topk_ids"] = topk_logprobs(out.logits[i, :n], top_k)
             results.append({k: v.to("cpu", non_blocking=True) for k, v in sample.items()})
         return results

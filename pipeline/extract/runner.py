@@ -27,9 +27,10 @@ from pipeline import data as data_mod
 from pipeline.assets import cache_dir, resolve_data, resolve_model
 from pipeline.store import (
     FORMAT_VERSION,
-    FP8,
     HIDDEN_DTYPES,
+    INT7,
     LOGPROB_DTYPES,
+    SCALED,
     SampleMeta,
     StoreError,
     StoreReader,
@@ -45,6 +46,7 @@ from pipeline.store.inspect import LOSS_SHARE_BOUNDS
 from pipeline.store.projection import (
     DEFAULT_CALIBRATION_TOKENS,
     PROJECTION_FILE,
+    auto_projection_k,
     fit_projection,
     project,
     read_projection_file,
@@ -71,17 +73,19 @@ class ExtractConfig:
     ids_file: str | None = None
     max_length: int = 2048
     top_k: int = 32
-    # The defaults are the compact store (storage_layout.md, format 3): EAGLE-3 features projected to k = H, fp8
-    # hidden rows, zstd, fp16 log-probabilities. The format-2 layout: bfloat16, float32, None, codec "none".
+    # The defaults are the compact store (storage_layout.md, format 4): EAGLE-3 features projected to k = 2H and
+    # stored as int7 rows, EAGLE-1's as fp8 rows, per-array codecs, fp16 log-probabilities. The format-2 layout:
+    # bfloat16, float32, aux_projection None, codec "none".
     hidden_dtype: str = "float8_e4m3fn"  # bfloat16 | float16 | float32 | float8_e4m3fn
+    aux_dtype: str = "auto"  # hidden_aux's dtype: "auto" = int7 when projected, else hidden_dtype
     logprob_dtype: str = "float16"  # float32 | float16 (top-k log-probabilities)
     stored_for: str = "both"  # eagle1 | eagle3 | both
-    aux_projection: int | str | None = "auto"  # k: hidden_aux stored as P·x (P [k, A*H]); "auto": k = H; None: whole
+    aux_projection: int | str | None = "auto"  # k: hidden_aux stored as P·x (P [k, A*H]); "auto": k = 2H; None: whole
     calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS  # tokens of the selection's first records that estimate P
     aux_layers: list[int] | None = None
     shard_size: int = 256
     chunk_tokens: int = 4096
-    codec: str = "zstd"
+    codec: str = "auto"  # auto | none | zstd | blosc
     io_workers: int | None = None  # threads compressing and writing chunks (default: min(8, CPUs))
     batch_tokens: int | None = None  # padded tokens per forward; None: the backend's preference
     device: str = "auto"
@@ -250,8 +254,11 @@ def run_extract(cfg: ExtractConfig, backend=None) -> dict:
     """Extract this worker's shards; returns the summary printed by the CLI. ``backend``: reuse a loaded one."""
     t0 = time.time()
     resolve_rank(cfg.rank, cfg.world_size)
-    if cfg.hidden_dtype not in HIDDEN_DTYPES:
-        raise ValueError(f"--hidden-dtype {cfg.hidden_dtype!r}: choose one of {', '.join(HIDDEN_DTYPES)}")
+    if cfg.hidden_dtype not in HIDDEN_DTYPES or cfg.hidden_dtype == INT7:
+        raise ValueError(f"--hidden-dtype {cfg.hidden_dtype!r}: choose one of "
+                         f"{', '.join(d for d in HIDDEN_DTYPES if d != INT7)}")  # fmt: skip
+    if cfg.aux_dtype != "auto" and cfg.aux_dtype not in HIDDEN_DTYPES:
+        raise ValueError(f"--aux-dtype {cfg.aux_dtype!r}: choose auto or one of {', '.join(HIDDEN_DTYPES)}")
     if cfg.logprob_dtype not in LOGPROB_DTYPES:
         raise ValueError(f"--logprob-dtype {cfg.logprob_dtype!r}: choose one of {', '.join(LOGPROB_DTYPES)}")
     model_dir = resolve_model(cfg.model)
@@ -305,8 +312,13 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
     want_last = "hidden_last" in fingerprint["layers"]["stored"]
     want_aux = "hidden_aux" in fingerprint["layers"]["stored"]
     projection = None
-    if cfg.aux_projection == "auto":  # k = H: fc's output width; the measured choice (README "Store layouts")
-        cfg = replace(cfg, aux_projection=int(backend.config["hidden_size"]) if want_aux else None)
+    if cfg.aux_projection == "auto":  # k = 2H: the measured choice (README "Compact store")
+        cfg = replace(cfg, aux_projection=auto_projection_k(int(backend.config["hidden_size"]), len(aux))
+                      if want_aux else None)  # fmt: skip
+    if cfg.aux_dtype == "auto":
+        cfg = replace(cfg, aux_dtype=INT7 if cfg.aux_projection else cfg.hidden_dtype)
+    if want_aux:
+        fingerprint["dtypes"]["hidden_aux"] = cfg.aux_dtype
     if cfg.aux_projection:
         if not want_aux:
             raise ValueError(f"--aux-projection {cfg.aux_projection}: the store keeps no EAGLE-3 features "
@@ -315,14 +327,7 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
                                                                               batch_tokens, thinking)  # fmt: skip
     n_shards = -(-n_records // cfg.shard_size)
     plan = {"records": n_records, "shards": n_shards, "shard_size": cfg.shard_size}
-    # What the backend hands over: the storage dtype, cast on the device. fp8 is quantized per row from the values
-    # in the target's compute dtype (no second rounding): on the device by backends that can (HF), else by the
-    # store writer from the compute dtype.
-    transfer = HIDDEN_DTYPES[cfg.hidden_dtype][1]
-    if cfg.hidden_dtype == FP8 and not getattr(backend, "quantizes_fp8", False):
-        import torch
-
-        transfer = getattr(torch, getattr(backend, "compute_dtype_name", "bfloat16"), torch.bfloat16)
+    transfer = _transfer_dtypes(cfg, backend)
     writer = StoreWriter(cfg.out, fingerprint, plan, backend.target_pieces(), rank=rank, world_size=world,
                          io_workers=cfg.io_workers)  # fmt: skip
     mine = [s for s in range(n_shards) if s % world == rank]
@@ -434,6 +439,24 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
     }  # fmt: skip
 
 
+def _transfer_dtypes(cfg: ExtractConfig, backend) -> dict:
+    """What the backend hands over, as ``forward`` keyword arguments: the storage dtype, cast on the device. fp8 and
+    int7 are quantized per row from the values in the target's compute dtype (no second rounding): on the device
+    by backends that can (HF: ``quantizes_rows``; the aux rows after their projection), else by the store writer
+    from the compute dtype. Backends without ``aux_dtype`` hand both fields over in one dtype."""
+    import torch
+
+    compute = getattr(torch, getattr(backend, "compute_dtype_name", "bfloat16"), torch.bfloat16)
+    if getattr(backend, "quantizes_rows", False):
+        def one(logical: str):
+            return logical if logical in SCALED else HIDDEN_DTYPES[logical][1]
+
+        return {"hidden_dtype": one(cfg.hidden_dtype), "aux_dtype": one(cfg.aux_dtype)}
+    if cfg.hidden_dtype in SCALED or cfg.aux_dtype in SCALED:
+        return {"hidden_dtype": compute}
+    return {"hidden_dtype": HIDDEN_DTYPES[cfg.hidden_dtype][1]}
+
+
 def _extract_shard(sw, records, tokenized, backend, cfg: ExtractConfig, aux, batch_tokens: int, want_last: bool,
                    want_aux: bool, transfer, projection, submit, bar, totals: Counter, t0: float,
                    odd: list[str]) -> float:  # fmt: skip
@@ -452,7 +475,7 @@ def _extract_shard(sw, records, tokenized, backend, cfg: ExtractConfig, aux, bat
     for batch in length_buckets([len(t.input_ids) for _, t in samples], batch_tokens):
         tb = time.time()
         outs = backend.forward([samples[i][1].input_ids for i in batch], aux, cfg.top_k, want_last, want_aux,
-                               hidden_dtype=transfer, names=[_name(samples[i][0]) for i in batch], **extra)  # fmt: skip
+                               names=[_name(samples[i][0]) for i in batch], **transfer, **extra)  # fmt: skip
         compute_s += time.time() - tb
         for i, out in zip(batch, outs, strict=True):
             meta, tok = samples[i]

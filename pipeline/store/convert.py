@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.store.dtypes import _PRECISION, HIDDEN_DTYPES, LOGPROB_DTYPES, topk_ids_dtype
+from pipeline.store.dtypes import _PRECISION, HIDDEN_DTYPES, INT7, LOGPROB_DTYPES, topk_ids_dtype
 from pipeline.store.errors import StoreError
 from pipeline.store.format import FORMAT_VERSION, SampleMeta, TargetPieces, projection_of
 from pipeline.store.inspect import inspect_store
 from pipeline.store.projection import (
     DEFAULT_CALIBRATION_TOKENS,
     PROJECTION_FILE,
+    auto_projection_k,
     fit_projection,
     project,
     read_projection_file,
@@ -27,7 +28,8 @@ from pipeline.store.writer import StoreWriter
 
 
 def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dtype: str | None = None,
-                   codec: str | None = None, logprob_dtype: str | None = None, io_workers: int | None = None,
+                   aux_dtype: str | None = None, codec: str | None = None, logprob_dtype: str | None = None,
+                   io_workers: int | None = None,
                    aux_projection: int | str | None = "keep", calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS,
                    progress: bool = False) -> dict:  # fmt: skip
     """Write a complete store again with other storage dtypes / codec, without running the target.
@@ -38,7 +40,9 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     computed (stored in its compute dtype or wider). Precision only goes down (fp32 -> bf16/fp16 -> fp8);
     re-running resumes (committed shards are kept). Returns ``inspect_store(dst)``.
 
-    ``aux_projection``: ``"keep"`` (the source's: projected stays projected with its P), ``"auto"`` (k = H) or k
+    ``aux_dtype``: ``hidden_aux``'s dtype (None: the source's; ``"auto"``: int7 when the result is projected, else
+    ``hidden_dtype``). ``aux_projection``: ``"keep"`` (the source's: projected stays projected with its P),
+    ``"auto"`` (k = 2H) or k
     (project a whole ``hidden_aux``; P is estimated from the stored features of the first samples of the selection,
     ``calibration_tokens`` tokens, as extraction does from the target's: equal up to rounding), None (whole; a
     projected source cannot be unprojected).
@@ -49,14 +53,12 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     fp = json.loads(json.dumps(reader.fingerprint))
     old_hidden, old_lp = fp["dtypes"]["hidden"], fp["dtypes"]["topk_logprobs"]
     hidden_dtype, logprob_dtype = hidden_dtype or old_hidden, logprob_dtype or old_lp
-    if hidden_dtype not in HIDDEN_DTYPES:
-        raise StoreError(f"hidden dtype {hidden_dtype!r}: choose one of {', '.join(HIDDEN_DTYPES)}")
+    if hidden_dtype not in HIDDEN_DTYPES or hidden_dtype == INT7:
+        raise StoreError(f"hidden dtype {hidden_dtype!r}: choose one of "
+                         f"{', '.join(d for d in HIDDEN_DTYPES if d != INT7)}")  # fmt: skip
     if logprob_dtype not in LOGPROB_DTYPES:
         raise StoreError(f"log-prob dtype {logprob_dtype!r}: choose one of {', '.join(LOGPROB_DTYPES)}")
-    if _PRECISION[hidden_dtype] > _PRECISION[old_hidden] or (hidden_dtype != old_hidden and
-                                                             _PRECISION[hidden_dtype] == _PRECISION[old_hidden]):
-        raise StoreError(f"{src}: hidden states are stored as {old_hidden}; re-encoding them as {hidden_dtype} "
-                         "would not give what an extraction writes (re-extract instead)")  # fmt: skip
+    _check_lower(src, "hidden states", old_hidden, hidden_dtype)
     if _PRECISION[logprob_dtype] > _PRECISION[old_lp]:
         raise StoreError(f"{src}: log-probs are stored as {old_lp}; cannot re-encode them as {logprob_dtype}")
     fp["format_version"] = FORMAT_VERSION
@@ -65,6 +67,15 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     fp["sharding"]["codec"] = codec or fp["sharding"]["codec"]
     fp["projection"] = fp.get("projection") or {}
     projection = _projection(reader, Path(dst), fp, aux_projection, calibration_tokens)
+    if "hidden_aux" in reader.fields:
+        old_aux = reader.fields["hidden_aux"][1]
+        if aux_dtype == "auto":
+            aux_dtype = INT7 if projection_of(fp, "hidden_aux") else hidden_dtype
+        aux_dtype = aux_dtype or (old_aux if old_aux != old_hidden else hidden_dtype)
+        if aux_dtype not in HIDDEN_DTYPES:
+            raise StoreError(f"aux dtype {aux_dtype!r}: choose auto or one of {', '.join(HIDDEN_DTYPES)}")
+        _check_lower(src, "EAGLE-3 features", old_aux, aux_dtype)
+        fp["dtypes"]["hidden_aux"] = aux_dtype
     target = TargetPieces(reader.target_config(), reader.target_weights(), _CopyDir(reader.tokenizer_dir))
     writer = StoreWriter(dst, fp, reader.plan, target, io_workers=io_workers)
     bar = tqdm(total=len(reader), desc=f"re-encode {Path(dst).name}", disable=not progress, unit="sample")
@@ -96,6 +107,13 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     return inspect_store(dst)
 
 
+def _check_lower(src, what: str, old: str, new: str) -> None:
+    """Precision only goes down (fp32 -> bf16/fp16 -> fp8 -> int7): anything else is not what an extraction wrote."""
+    if _PRECISION[new] > _PRECISION[old] or (new != old and _PRECISION[new] == _PRECISION[old]):
+        raise StoreError(f"{src}: {what} are stored as {old}; re-encoding them as {new} would not give what an "
+                         "extraction writes (re-extract instead)")
+
+
 def _projection(reader: StoreReader, dst: Path, fp: dict, k: int | str | None, calibration_tokens: int):
     """P to apply to the source's ``hidden_aux`` (None: written as read), publishing it in ``dst`` and recording it
     in ``fp`` (a resumed conversion finds it published)."""
@@ -105,7 +123,7 @@ def _projection(reader: StoreReader, dst: Path, fp: dict, k: int | str | None, c
             _publish(dst, reader.projection("hidden_aux"), source)
         return None
     if k == "auto":
-        k = int(fp["model"]["hidden_size"])
+        k = auto_projection_k(int(fp["model"]["hidden_size"]), len(fp["layers"]["aux"]))
     if source is not None:
         if k == source["k"]:
             _publish(dst, reader.projection("hidden_aux"), source)

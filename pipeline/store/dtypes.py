@@ -1,4 +1,4 @@
-"""Storage dtypes: logical dtype names, casts to and from the stored bits, fp8 rows with their scales, codecs."""
+"""Storage dtypes: logical dtype names, casts to and from the stored bits, scaled rows (fp8, int7), codecs."""
 
 from __future__ import annotations
 
@@ -13,18 +13,27 @@ from pipeline.store.errors import StoreError
 # Logical dtype name -> (zarr/numpy storage dtype, torch dtype).  bf16 and fp8 have no numpy dtype: their bits go
 # in uint16 / uint8.
 FP8 = "float8_e4m3fn"
+# 7-bit symmetric integer codes (-63..63) with one fp32 scale per row, stored zigzag (0, -1, 1, -2, ... -> 0, 1, 2,
+# 3, ...) in a byte so that the small magnitudes that dominate a projected row have zero high bits: bit-shuffled
+# zstd then stores them in about as many bits as their entropy (bench/store.py (g)).
+INT7 = "int7"
+INT7_MAX = 63
 HIDDEN_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "float16": (np.dtype(np.float16), torch.float16),
     "bfloat16": (np.dtype(np.uint16), torch.bfloat16),
     "float32": (np.dtype(np.float32), torch.float32),
     FP8: (np.dtype(np.uint8), torch.float8_e4m3fn),
+    INT7: (np.dtype(np.uint8), torch.uint8),
 }
+SCALED = (FP8, INT7)  # dtypes stored as one byte per value + an fp32 scale per row in "<field>_scale"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-SCALE_SUFFIX = "_scale"  # fp8 fields carry one fp32 scale per token row (per aux layer) in "<field>_scale"
+SCALE_SUFFIX = "_scale"  # scaled fields carry one fp32 scale per token row (per aux layer) in "<field>_scale"
 LOGPROB_DTYPES = ("float32", "float16")
 
 
-CODECS = ("none", "zstd", "blosc")
+# "auto": per array, the codec that stored it smallest on SmolLM2 (bench/store.py (b)): bit-shuffled zstd (blosc)
+# for int7 codes and fp16 log-probs, zstd for the rest
+CODECS = ("auto", "none", "zstd", "blosc")
 
 
 def storage_dtype(logical: str) -> np.dtype:
@@ -48,17 +57,31 @@ def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-@dataclass
-class Fp8Rows:
-    """Hidden rows already quantized by :func:`quantize_fp8` where they were computed (the GPU), so that one byte
-    per value crosses to the host; ``ShardWriter.append`` takes them in place of a float tensor."""
+def quantize_int7(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int7: ``(zigzag codes uint8, scale)`` with ``t ~= code_value * scale[..., None]``, ``scale = max|row|
+    / 63`` in fp32 (1 for all-zero rows). A row holding NaN/inf gets a non-finite scale and code 127 (no value)."""
+    x = t.detach().float()
+    amax = x.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / INT7_MAX, torch.ones_like(amax))
+    q = torch.round(x / scale[..., None]).clamp(-INT7_MAX, INT7_MAX)
+    code = torch.where(q >= 0, 2 * q, -2 * q - 1)
+    return torch.where(torch.isfinite(code), code, 2 * INT7_MAX + 1).to(torch.uint8), scale
 
-    q: torch.Tensor  # float8_e4m3fn [..., H]
+
+QUANTIZERS = {FP8: quantize_fp8, INT7: quantize_int7}
+
+
+@dataclass
+class ScaledRows:
+    """Hidden rows already quantized (fp8 or int7, one scale per row) where they were computed (the GPU), so that
+    one byte per value crosses to the host; ``ShardWriter.append`` takes them in place of a float tensor."""
+
+    q: torch.Tensor  # float8_e4m3fn or uint8 int7 codes [..., H]
     scale: torch.Tensor  # fp32 [...]
 
     @classmethod
-    def quantize(cls, t: torch.Tensor) -> Fp8Rows:
-        return cls(*quantize_fp8(t))
+    def quantize(cls, t: torch.Tensor, logical: str = FP8) -> ScaledRows:
+        return cls(*QUANTIZERS[logical](t))
 
     @property
     def shape(self) -> torch.Size:
@@ -67,25 +90,29 @@ class Fp8Rows:
     def is_floating_point(self) -> bool:
         return True
 
-    def to(self, *args, **kwargs) -> Fp8Rows:
-        return Fp8Rows(self.q.to(*args, **kwargs), self.scale.to(*args, **kwargs))
+    def to(self, *args, **kwargs) -> ScaledRows:
+        return ScaledRows(self.q.to(*args, **kwargs), self.scale.to(*args, **kwargs))
 
 
-# e4m3 bits -> fp32 value: a 256-entry table gathers ~4x faster than torch's fp8 -> fp32 cast on the CPU
-_FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+# stored byte -> fp32 value: a 256-entry table gathers ~4x faster than torch's fp8 -> fp32 cast on the CPU. int7:
+# zigzag codes 0..126, NaN for the codes no value has (127 marks a non-finite row).
+_CODE = np.arange(256)
+_VALUES = {FP8: torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy(),
+           INT7: np.where(_CODE <= 2 * INT7_MAX, np.where(_CODE % 2 == 0, _CODE // 2, -(_CODE + 1) // 2),
+                          np.nan).astype(np.float32)}  # fmt: skip
 
 
-def dequantize_fp8(q: np.ndarray, scale: np.ndarray) -> torch.Tensor:
-    """Stored fp8 bits (uint8) and their row scales -> fp32 values (exactly ``float(e4m3) * scale``)."""
-    values = _FP8_VALUES[q]  # a new array: the rows may be a read-only memmap or cached chunk
+def dequantize(q: np.ndarray, scale: np.ndarray, logical: str = FP8) -> torch.Tensor:
+    """Stored bytes (fp8 bits or int7 codes) and their row scales -> fp32 values (exactly ``value * scale``)."""
+    values = _VALUES[logical][q]  # a new array: the rows may be a read-only memmap or cached chunk
     np.multiply(values, np.asarray(scale)[..., None], out=values)
     return torch.from_numpy(values)
 
 
-def encode_field(name: str, t: torch.Tensor | Fp8Rows, logical: str) -> dict[str, np.ndarray]:
-    """The stored arrays of one field of one sample: itself, plus ``<name>_scale`` for fp8."""
-    if logical == FP8:
-        q, scale = (t.q.cpu(), t.scale.cpu()) if isinstance(t, Fp8Rows) else quantize_fp8(t.cpu())
+def encode_field(name: str, t: torch.Tensor | ScaledRows, logical: str) -> dict[str, np.ndarray]:
+    """The stored arrays of one field of one sample: itself, plus ``<name>_scale`` for fp8 and int7."""
+    if logical in SCALED:
+        q, scale = (t.q.cpu(), t.scale.cpu()) if isinstance(t, ScaledRows) else QUANTIZERS[logical](t.cpu())
         return {name: q.view(torch.uint8).numpy(), name + SCALE_SUFFIX: scale.numpy()}
     if logical == "uint16" and t.numel() and (int(t.min()) < 0 or int(t.max()) >= 1 << 16):
         raise StoreError(f"{name}: ids outside [0, 65536) cannot be stored as uint16")
@@ -112,9 +139,11 @@ def from_storage(a: np.ndarray, logical: str) -> torch.Tensor:
     return t
 
 
-def _compressors(codec: str, itemsize: int) -> Any:
+def _compressors(codec: str, itemsize: int, logical: str = "") -> Any:
     from zarr.codecs import BloscCodec, ZstdCodec
 
+    if codec == "auto":
+        codec = "blosc" if logical in (INT7, "float16") else "zstd"
     if codec == "none":
         return None
     if codec == "zstd":
@@ -130,7 +159,9 @@ def _finite(arr: np.ndarray, logical: str) -> bool:
         return not bool(((arr & 0x7F80) == 0x7F80).any())
     if logical == FP8:  # e4m3fn has no inf; NaN is S.1111.111 (its row scale is non-finite too)
         return not bool(((arr & 0x7F) == 0x7F).any())
+    if logical == INT7:  # codes past 126 hold no value (a non-finite row)
+        return not bool((arr > 2 * INT7_MAX).any())
     return bool(np.isfinite(arr).all())
 
 
-_PRECISION = {"float32": 3, "float16": 2, "bfloat16": 2, FP8: 1}
+_PRECISION = {"float32": 3, "float16": 2, "bfloat16": 2, FP8: 1, INT7: 0}

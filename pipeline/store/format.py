@@ -15,12 +15,13 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import torch
 
-from pipeline.store.dtypes import FP8, SCALE_SUFFIX
+from pipeline.store.dtypes import SCALE_SUFFIX, SCALED
 from pipeline.store.errors import StoreError
 
-FORMAT_VERSION = 3
-# version 1: no fp8, int32 top-k ids, no target/commit.arrow; version 2: no projection; everything else reads the same
-READABLE_FORMATS = (1, 2, 3)
+FORMAT_VERSION = 4
+# version 1: no fp8, int32 top-k ids, no target/commit.arrow; version 2: no projection; version 3: no int7 and no
+# dtypes.hidden_aux (hidden_aux in dtypes.hidden); everything else reads the same
+READABLE_FORMATS = (1, 2, 3, 4)
 
 STORE_FILE = "store.arrow"
 VERIFY_FILE = "verify.arrow"
@@ -181,7 +182,8 @@ def field_shapes(fp: dict) -> dict[str, tuple[tuple[int, ...], str]]:
         shapes["hidden_last"] = ((h,), hidden)
     if "hidden_aux" in fp["layers"]["stored"]:
         projected = projection_of(fp, "hidden_aux")
-        shapes["hidden_aux"] = ((projected["k"],) if projected else (len(fp["layers"]["aux"]), h), hidden)
+        shapes["hidden_aux"] = ((projected["k"],) if projected else (len(fp["layers"]["aux"]), h),
+                                fp["dtypes"].get("hidden_aux", hidden))  # format 4: its own dtype
     return shapes
 
 
@@ -191,11 +193,12 @@ def projection_of(fp: dict, name: str) -> dict | None:
 
 
 def array_shapes(fp: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The Zarr arrays of a shard: one per field, plus an fp32 ``<field>_scale`` (rows x aux layers) per fp8 field."""
+    """The Zarr arrays of a shard: one per field, plus an fp32 ``<field>_scale`` (rows x aux layers) per fp8/int7
+    field."""
     arrays = {}
     for name, (tail, logical) in field_shapes(fp).items():
         arrays[name] = (tail, logical)
-        if logical == FP8:
+        if logical in SCALED:
             arrays[name + SCALE_SUFFIX] = (tail[:-1], "float32")
     return arrays
 

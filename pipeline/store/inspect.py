@@ -43,6 +43,7 @@ def inspect_store(root: str | os.PathLike) -> dict:
         "path": str(reader.root),
         "format_version": reader.format_version,
         "hidden_dtype": reader.hidden_dtype,
+        "aux_dtype": reader.fields["hidden_aux"][1] if "hidden_aux" in reader.fields else None,
         "codec": reader.fingerprint["sharding"]["codec"],
         "samples": len(reader),
         "tokens": tokens,

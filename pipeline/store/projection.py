@@ -26,6 +26,12 @@ METHOD = "pca-uncentered"
 DEFAULT_CALIBRATION_TOKENS = 16384
 
 
+def auto_projection_k(hidden_size: int, aux_layers: int) -> int:
+    """``--aux-projection auto``: k = 2H (at most the A*H values there are), the measured choice: stored as int7 it
+    keeps more of each row than k = H in fp8, in fewer bytes (README "Compact store")."""
+    return min(2 * hidden_size, aux_layers * hidden_size)
+
+
 class GramAccumulator:
     """``Σ x xᵀ`` over calibration rows in fp64, on ``device`` (the forward's device: rows do not travel)."""
 

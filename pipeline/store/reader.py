@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.store.dtypes import FP8, SCALE_SUFFIX, dequantize_fp8, from_storage
+from pipeline.store.dtypes import SCALE_SUFFIX, SCALED, dequantize, from_storage
 from pipeline.store.errors import StoreError
 from pipeline.store.format import (
     COMMIT_FILE,
@@ -145,7 +145,7 @@ class StoreReader:
         return self._shard_of, self.offsets // chunk[self._shard_of] if len(self) else self.offsets
 
     def read(self, i: int, fields: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """Rows of sample ``i`` in storage dtype (bf16 as uint16 bits, fp8 as uint8 bits plus ``<field>_scale``);
+        """Rows of sample ``i`` in storage dtype (bf16 as uint16 bits, fp8/int7 as bytes plus ``<field>_scale``);
         views into memmaps where possible."""
         k = int(self._shard_of[i])
         start, length = int(self.offsets[i]), int(self.lengths[i])
@@ -156,7 +156,7 @@ class StoreReader:
             out[name] = self._rows(k, name, start, start + length)
             if name in TOKEN_ID_FIELDS:
                 self._check_token_ids(k, name, i, out[name])
-            if self.fields[name][1] == FP8:
+            if self.fields[name][1] in SCALED:
                 out[name + SCALE_SUFFIX] = self._rows(k, name + SCALE_SUFFIX, start, start + length)
         return out
 
@@ -175,14 +175,14 @@ class StoreReader:
                          "is corrupt; run `pipeline verify` and re-run the same `pipeline extract` to redo it")  # fmt: skip
 
     def sample(self, i: int, fields: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-        """Sample ``i`` as torch tensors of the logical dtypes (one copy out of the memmaps); fp8 fields come
+        """Sample ``i`` as torch tensors of the logical dtypes (one copy out of the memmaps); fp8/int7 fields come
         back decoded to fp32 (stored value times its row scale)."""
         rows = self.read(i, fields)
         out = {}
         for name in fields or tuple(self.fields):
             logical = self.fields[name][1]
-            if logical == FP8:
-                out[name] = dequantize_fp8(rows[name], rows[name + SCALE_SUFFIX])
+            if logical in SCALED:
+                out[name] = dequantize(rows[name], rows[name + SCALE_SUFFIX], logical)
             else:
                 out[name] = from_storage(rows[name], logical)
         return out

@@ -303,7 +303,7 @@ class ShardWriter:
                 dt = storage_dtype(logical)
                 self.arrays[name] = group.create_array(  # sized for the expected rows: no metadata rewrite per flush
                     name, shape=(expected_tokens or 0, *tail), chunks=(self.chunk, *tail), dtype=dt, fill_value=0,
-                    compressors=_compressors(codec, dt.itemsize), config={"write_empty_chunks": True},
+                    compressors=_compressors(codec, dt.itemsize, logical), config={"write_empty_chunks": True},
                     attributes={"pipeline_dtype": logical},
                 )  # fmt: skip
         self.pending: dict[str, list[np.ndarray]] = {n: [] for n in store.arrays}
