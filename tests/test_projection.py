@@ -1,4 +1,4 @@
-"""EAGLE-3's projected store (format 3): P from a calibration slice, y = P·x stored, fc' over k inputs in training,
+"""EAGLE-3's projected store (formats 3-4): P from a calibration slice, y = P·x stored, fc' over k inputs in training,
 fc = fc'·P at export; the same P for every worker, resume and conversion; older layouts still readable."""
 
 from __future__ import annotations
@@ -45,36 +45,39 @@ def test_principal_projection_keeps_the_dominant_subspace():
 
 
 def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_path, one_thread):
-    """Default extraction = compact store with hidden_aux = P·x (k = H); the stored rows are P·x of the whole
+    """Default extraction = compact store with hidden_aux = P·x (k = 2H, int7 rows); the stored rows are P·x of the whole
     extraction's x; a head trained on it exports fc = fc'·P whose logits on the whole features equal the trained
     head's on the projected ones; inspect shows k and the kept energy."""
     whole = tmp_path / "whole"
     extract(tiny_llama_dir, whole, **WHOLE)
     exact = tmp_path / "exact"  # projected, fp32: the projection alone
-    extract(tiny_llama_dir, exact, hidden_dtype="float32", logprob_dtype="float32", codec="none")
+    extract(tiny_llama_dir, exact, hidden_dtype="float32", aux_dtype="float32", logprob_dtype="float32", codec="none")
     compact = tmp_path / "compact"
     extract(tiny_llama_dir, compact)  # the defaults
-    h = 64
+    h, k = 64, 128
     for root in (exact, compact):
         r = st.StoreReader(root)
         rec = r.fingerprint["projection"]["hidden_aux"]
-        assert r.format_version == 3 and rec["k"] == h and rec["input_width"] == 3 * h
-        assert r.fields["hidden_aux"][0] == (h,) and (root / st.PROJECTION_FILE).exists()
+        assert r.format_version == 4 and rec["k"] == k and rec["input_width"] == 3 * h
+        assert r.fields["hidden_aux"][0] == (k,) and (root / st.PROJECTION_FILE).exists()
     assert st.StoreReader(compact).fingerprint["dtypes"]["hidden"] == st.FP8
-    assert st.StoreReader(compact).fingerprint["sharding"]["codec"] == "zstd"
+    assert st.StoreReader(compact).fingerprint["dtypes"]["hidden_aux"] == st.INT7
+    assert st.StoreReader(compact).fingerprint["sharding"]["codec"] == "auto"
     w, e = st.StoreReader(whole), st.StoreReader(exact)
     p = e.projection()
     assert torch.equal(p, st.StoreReader(compact).projection())  # the same calibration slice, the same P
     for i in range(len(w)):
         x, y = w.sample(i)["hidden_aux"], e.sample(i)["hidden_aux"]
         assert torch.allclose(st.project(x, p), y, atol=1e-4, rtol=1e-4)
-    assert st.inspect_store(compact)["bytes_per_token_total"] < st.inspect_store(whole)["bytes_per_token_total"] / 6
+        q = st.StoreReader(compact).sample(i)["hidden_aux"]  # int7: half a step of its row's scale at most
+        assert ((q - y).abs() <= y.abs().amax(-1, keepdim=True) / 126 + 1e-3).all()
+    assert st.inspect_store(compact)["bytes_per_token_total"] < st.inspect_store(whole)["bytes_per_token_total"] / 4
 
     cfg = TrainConfig(feats=str(exact), out=str(tmp_path / "run"), variant="eagle3", max_steps=3, draft_vocab_size=512,
                       ttt_steps=2, tokens_per_batch=256, lr=3e-3, progress=False)  # fmt: skip
     train(cfg)
     model, _ = variants.load_run(cfg.out)
-    assert model.fc.weight.shape == (h, h) and torch.equal(model.aux_projection, p)
+    assert model.fc.weight.shape == (h, k) and torch.equal(model.aux_projection, p)
     out = export_draft(model, None, tmp_path / "head", "vllm")
     from safetensors.torch import load_file
 
@@ -84,7 +87,7 @@ def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_pat
         json.loads((out / "config.json").read_text())["pipeline"]["draft_config"]["aux_projection_dim"] == 0
     served, _ = load_export(out)
     x = w.sample(0)["hidden_aux"].reshape(1, -1, 3 * h)
-    y = e.sample(0)["hidden_aux"].reshape(1, -1, h)
+    y = e.sample(0)["hidden_aux"].reshape(1, -1, k)
     assert torch.allclose(served.fuse(x), model.fuse(y), atol=1e-4)
     assert torch.allclose(model.fuse(x), model.fuse(y), atol=1e-4)  # a projected head also takes whole features
 
@@ -99,7 +102,8 @@ def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_pat
             assert step["rel_diff"] < 1e-4 and step["argmax_agree"] == 1.0, step
 
     res = CliRunner().invoke(cli, ["inspect", str(compact)])
-    assert res.exit_code == 0 and f"k={h} of {3 * h}" in res.output and "kept energy" in res.output
+    assert res.exit_code == 0 and f"k={k} of {3 * h}" in res.output and "kept energy" in res.output
+    assert "(aux int7)" in res.output
 
 
 def test_one_projection_for_every_worker_resume_and_conversion(tiny_llama_dir, tmp_path, one_thread):
@@ -121,7 +125,7 @@ def test_one_projection_for_every_worker_resume_and_conversion(tiny_llama_dir, t
     assert CliRunner().invoke(cli, ["verify", str(root)]).exit_code != 0
     summary = extract(tiny_llama_dir, root)
     assert summary["shards"]["repaired"] and _chunk_checksums(root) == _chunk_checksums(single)
-    with pytest.raises(st.StoreError, match="k=64 .* --aux-projection 32"):
+    with pytest.raises(st.StoreError, match="k=128 .* --aux-projection 32"):
         extract(tiny_llama_dir, root, aux_projection=32)
 
     whole = tmp_path / "whole"
@@ -130,11 +134,32 @@ def test_one_projection_for_every_worker_resume_and_conversion(tiny_llama_dir, t
     res = runner.invoke(cli, ["convert", str(whole), "--out", str(tmp_path / "conv"), "--compact", "--no-progress"])
     assert res.exit_code == 0, res.output
     conv = st.StoreReader(tmp_path / "conv")
-    assert conv.fingerprint["projection"]["hidden_aux"]["k"] == 64 and conv.fingerprint["dtypes"]["hidden"] == st.FP8
+    assert conv.fingerprint["projection"]["hidden_aux"]["k"] == 128 and conv.fingerprint["dtypes"]["hidden"] == st.FP8
+    assert conv.fingerprint["dtypes"]["hidden_aux"] == st.INT7 and conv.fingerprint["sharding"]["codec"] == "auto"
     # estimated from the stored fp32 values of the same calibration slice: P equal up to rounding
     assert torch.allclose(conv.projection().abs(), p.abs(), atol=1e-3)
     res = runner.invoke(cli, ["convert", str(root), "--out", str(tmp_path / "back"), "--aux-projection", "none"])
     assert res.exit_code == 2 and "re-extract" in res.output
+
+
+def test_the_calibration_forward_is_the_extractions_own(tiny_llama_dir, tmp_path, one_thread):
+    """P is estimated from the first batches of the extraction's forward order, and those batches are written from
+    the calibration's outputs: every token goes through the target once, on one worker."""
+    from pipeline.extract.hf_backend import HFBackend
+
+    backend = HFBackend(tiny_llama_dir, device="cpu")
+    forward, tokens = backend.forward, []
+
+    def counting(batch, *args, **kw):
+        tokens.append(sum(len(x) for x in batch))
+        return forward(batch, *args, **kw)
+
+    backend.forward = counting
+    cfg = ExtractConfig(out=tmp_path / "s", model=str(tiny_llama_dir), calibration_tokens=300, **KW)
+    summary = run_extract(cfg, backend=backend)
+    assert sum(tokens) == summary["tokens"] and summary["calibration_s"] > 0
+    record = st.StoreReader(tmp_path / "s").fingerprint["projection"]["hidden_aux"]
+    assert record["calibration"]["rows"] == 300 and 0 < record["calibration"]["records"] < 8
 
 
 def test_format_2_store_reads_and_extracting_into_it_names_convert(tiny_llama_dir, tmp_path, monkeypatch, one_thread):

@@ -76,21 +76,31 @@ class HFBackend:
                          output_hidden_states=True, use_cache=False)  # fmt: skip
         hidden = out.hidden_states
 
-        def cast(t: torch.Tensor, dtype: torch.dtype | str):
-            return ScaledRows.quantize(t, dtype) if isinstance(dtype, str) else t.to(dtype)
-
         results = []
         for i, n in enumerate(lengths):
             sample: dict = {}
             if want_last:
-                sample["hidden_last"] = cast(hidden[-1][i, :n], hidden_dtype)
+                sample["hidden_last"] = _cast(hidden[-1][i, :n], hidden_dtype)
             if want_aux:
                 fused = torch.stack([hidden[a][i, :n] for a in aux_layers], dim=1)
-                sample["hidden_aux"] = cast(fused if aux_projection is None else project(fused, aux_projection),
-                                            hidden_dtype if aux_dtype is None else aux_dtype)
+                sample["hidden_aux"] = self.encode_aux(fused, aux_projection, hidden_dtype if aux_dtype is None
+                                                       else aux_dtype, to_host=False)  # fmt: skip
             sample["topk_logprobs"], sample["topk_ids"] = topk_logprobs(out.logits[i, :n], top_k)
             results.append({k: v.to("cpu", non_blocking=True) for k, v in sample.items()})
         return results
+
+
+    def encode_aux(self, fused: torch.Tensor, projection: torch.Tensor | None, dtype: torch.dtype | str,
+                   to_host: bool = True):  # fmt: skip
+        """Fused aux rows ``[L, A, H]`` (any device) -> what the store takes: ``P·x`` when projected, cast or
+        quantized on the device. ``forward`` calls it, and extraction for the batches its calibration ran."""
+        x = fused.to(self.device)
+        out = _cast(x if projection is None else project(x, projection), dtype)
+        return out.to("cpu") if to_host else out
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | str):
+    return ScaledRows.quantize(t, dtype) if isinstance(dtype, str) else t.to(dtype)
 
 
 def topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

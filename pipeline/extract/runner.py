@@ -311,7 +311,7 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
     batch_tokens = cfg.batch_tokens or getattr(backend, "preferred_batch_tokens", 8192)
     want_last = "hidden_last" in fingerprint["layers"]["stored"]
     want_aux = "hidden_aux" in fingerprint["layers"]["stored"]
-    projection = None
+    projection, held, calibration_s = None, {}, 0.0
     if cfg.aux_projection == "auto":  # k = 2H: the measured choice (README "Compact store")
         cfg = replace(cfg, aux_projection=auto_projection_k(int(backend.config["hidden_size"]), len(aux))
                       if want_aux else None)  # fmt: skip
@@ -319,15 +319,17 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
         cfg = replace(cfg, aux_dtype=INT7 if cfg.aux_projection else cfg.hidden_dtype)
     if want_aux:
         fingerprint["dtypes"]["hidden_aux"] = cfg.aux_dtype
+    n_shards = -(-n_records // cfg.shard_size)
+    transfer = _transfer_dtypes(cfg, backend)
     if cfg.aux_projection:
         if not want_aux:
             raise ValueError(f"--aux-projection {cfg.aux_projection}: the store keeps no EAGLE-3 features "
                              f"(--for {cfg.stored_for}); EAGLE-1's hidden_last is never projected")  # fmt: skip
-        projection, fingerprint["projection"]["hidden_aux"] = _aux_projection(cfg, backend, source, ids, aux,
-                                                                              batch_tokens, thinking)  # fmt: skip
-    n_shards = -(-n_records // cfg.shard_size)
+        tc = time.time()
+        projection, fingerprint["projection"]["hidden_aux"], held = _aux_projection(
+            cfg, backend, source, ids, aux, batch_tokens, thinking, n_shards, want_last, transfer)
+        calibration_s = time.time() - tc
     plan = {"records": n_records, "shards": n_shards, "shard_size": cfg.shard_size}
-    transfer = _transfer_dtypes(cfg, backend)
     writer = StoreWriter(cfg.out, fingerprint, plan, backend.target_pieces(), rank=rank, world_size=world,
                          io_workers=cfg.io_workers)  # fmt: skip
     mine = [s for s in range(n_shards) if s % world == rank]
@@ -393,8 +395,8 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
                                         claim=lock)  # fmt: skip
                 try:
                     compute_s += _extract_shard(sw, records, tokenized, backend, cfg, aux, batch_tokens, want_last,
-                                                want_aux, transfer, projection, submit, bar, totals, t0,
-                                                odd)  # fmt: skip
+                                                want_aux, transfer, projection, submit, bar, totals, t0, odd,
+                                                held.pop(shard, {}))  # fmt: skip
                 except BaseException:
                     pool.submit(sw.abort)  # after the appends already queued
                     raise
@@ -433,8 +435,10 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
         "projection": fingerprint["projection"],
         "bytes_written": stored_bytes,
         "bytes_per_token": stored_bytes / totals["stored_tokens"] if totals["stored_tokens"] else 0.0,
-        "wall_s": round(wall, 2), "loop_s": round(loop_s, 2), "forward_s": round(compute_s, 2),
-        "tokens_per_s": round(totals["stored_tokens"] / loop_s, 1) if loop_s else 0.0,
+        # the calibration's forward is the first batches' (reused by the shards they belong to): counted in both
+        "wall_s": round(wall, 2), "loop_s": round(loop_s, 2), "calibration_s": round(calibration_s, 2),
+        "forward_s": round(compute_s, 2),
+        "tokens_per_s": round(totals["stored_tokens"] / (loop_s + calibration_s), 1) if loop_s else 0.0,
         "source": stream_report,
     }  # fmt: skip
 
@@ -458,10 +462,11 @@ def _transfer_dtypes(cfg: ExtractConfig, backend) -> dict:
 
 
 def _extract_shard(sw, records, tokenized, backend, cfg: ExtractConfig, aux, batch_tokens: int, want_last: bool,
-                   want_aux: bool, transfer, projection, submit, bar, totals: Counter, t0: float,
-                   odd: list[str]) -> float:  # fmt: skip
+                   want_aux: bool, transfer, projection, submit, bar, totals: Counter, t0: float, odd: list[str],
+                   held: dict[int, tuple[list, list]]) -> float:  # fmt: skip
     """Run the target over one shard's samples and queue their writes; returns the forward time. ``projection``
-    (P, or None): backends that can apply it on the device (``projects_aux``) get it; else it is applied here."""
+    (P, or None): backends that can apply it on the device (``projects_aux``) get it; else it is applied here.
+    ``held``: batch number -> (its token ids, the outputs the calibration computed, aux not yet projected)."""
     compute_s = 0.0
     on_device = projection is not None and getattr(backend, "projects_aux", False)
     extra = {"aux_projection": projection} if on_device else {}
@@ -472,10 +477,17 @@ def _extract_shard(sw, records, tokenized, backend, cfg: ExtractConfig, aux, bat
         else:
             samples.append((SampleMeta(sel, rec.source_index, rec.record_id, tok.truncated), tok))
     bar.update(len(records) - len(samples))
-    for batch in length_buckets([len(t.input_ids) for _, t in samples], batch_tokens):
+    for number, batch in enumerate(length_buckets([len(t.input_ids) for _, t in samples], batch_tokens)):
         tb = time.time()
-        outs = backend.forward([samples[i][1].input_ids for i in batch], aux, cfg.top_k, want_last, want_aux,
-                               names=[_name(samples[i][0]) for i in batch], **transfer, **extra)  # fmt: skip
+        inputs = [samples[i][1].input_ids for i in batch]
+        if number in held and held[number][0] == inputs:
+            outs = held.pop(number)[1]
+            for out in outs if on_device else ():
+                out["hidden_aux"] = backend.encode_aux(out["hidden_aux"], projection,
+                                                       transfer.get("aux_dtype", transfer["hidden_dtype"]))
+        else:
+            outs = backend.forward(inputs, aux, cfg.top_k, want_last, want_aux,
+                                   names=[_name(samples[i][0]) for i in batch], **transfer, **extra)  # fmt: skip
         compute_s += time.time() - tb
         for i, out in zip(batch, outs, strict=True):
             meta, tok = samples[i]
@@ -519,17 +531,19 @@ def loss_share_warnings(totals: Counter, odd: list[str]) -> list[str]:
 
 
 def _aux_projection(cfg: ExtractConfig, backend, source: data_mod.DataSource, ids: set[str] | None, aux: list[int],
-                    batch_tokens: int, thinking: str | None):  # fmt: skip
-    """(P on the backend's device, its fingerprint record): the store's published P, else estimated from the
-    calibration slice and published. Under the store lock, so that every worker of the store (any rank, a resumed
-    or repairing run) writes with the same P; an unreadable file is set aside and estimated again (a P that then
-    differs from the one the committed shards were written with is refused by the fingerprint check)."""
+                    batch_tokens: int, thinking: str | None, n_shards: int, want_last: bool, transfer: dict):  # fmt: skip
+    """(P on the backend's device, its fingerprint record, the calibration's outputs by shard): the store's
+    published P, else estimated from the calibration slice and published. Under the store lock, so that every
+    worker of the store (any rank, a resumed or repairing run) writes with the same P; an unreadable file is set
+    aside and estimated again (a P that then differs from the one the committed shards were written with is
+    refused by the fingerprint check)."""
     import torch
 
     from pipeline.store import store_lock
 
     root = Path(cfg.out)
     (root / ".locks").mkdir(parents=True, exist_ok=True)
+    held: dict = {}
     with store_lock(root):
         path = root / PROJECTION_FILE
         p = None
@@ -541,44 +555,43 @@ def _aux_projection(cfg: ExtractConfig, backend, source: data_mod.DataSource, id
                 os.rename(path, dest)
                 tqdm.write(f"{e}; set aside as {dest.name}, estimating it again")
         if p is None:
-            p, record = _calibrate(cfg, backend, source, ids, aux, batch_tokens, thinking)
+            p, record, held = _calibrate(cfg, backend, source, ids, aux, batch_tokens, thinking, n_shards, want_last,
+                                         transfer)  # fmt: skip
             save_projection(root, p, record)
     if record["k"] != cfg.aux_projection or record["calibration"]["tokens"] != cfg.calibration_tokens:
         raise StoreError(f"{path}: this store's projection has k={record['k']} from "
                          f"{record['calibration']['tokens']} calibration tokens; this run asks --aux-projection "
                          f"{cfg.aux_projection} --calibration-tokens {cfg.calibration_tokens} (a store has one "
                          "projection: extract into a new --out)")  # fmt: skip
-    return p.to(getattr(backend, "device", "cpu"), torch.float32), record
+    return p.to(getattr(backend, "device", "cpu"), torch.float32), record, held
 
 
 def _calibrate(cfg: ExtractConfig, backend, source: data_mod.DataSource, ids: set[str] | None, aux: list[int],
-               batch_tokens: int, thinking: str | None):  # fmt: skip
-    """P (top-k principal directions of the uncentered fused aux features) from the selection's first records,
-    ``cfg.calibration_tokens`` tokens in selection order: a function of the selection, not of ranks or shards."""
+               batch_tokens: int, thinking: str | None, n_shards: int, want_last: bool, transfer: dict):  # fmt: skip
+    """P (top-k principal directions of the uncentered fused aux features) from the first ``cfg.calibration_tokens``
+    tokens of the extraction's own forward order (shard 0's length buckets, then shard 1's, ...): a function of the
+    selection, not of ranks. The batches it ran are returned by shard and batch number, aux unprojected, so that the
+    shard's extraction writes them instead of running them again: on one worker the calibration costs no forward."""
     import torch
 
-    report = data_mod.StreamReport(path=source.spec, format="", records_seen=0, truncated=False,
-                                   truncated_at_byte=None, bytes_read=0)  # fmt: skip
-    rows: list[list[int]] = []
-    taken = 0
-    for rec in iter_selection(source, cfg.kind, cfg.offset, cfg.limit, ids, report):
-        if taken >= cfg.calibration_tokens:
-            break
-        tok = _tokenize_record(rec, backend.tokenizer, source.spec, cfg.kind, cfg.max_length, cfg.fim_tokens,
-                               thinking)  # fmt: skip
-        if isinstance(tok, data_mod.Skip):
-            continue
-        rows.append(tok.input_ids[: cfg.calibration_tokens - taken])  # a prefix: causal, same features
-        taken += len(rows[-1])
+    raw = dict(transfer, aux_dtype=torch.float32) if getattr(backend, "projects_aux", False) else transfer
+    held: dict[int, dict[int, tuple[list, list]]] = {}
 
-    def features():  # the forward in length buckets, as before: the Gram's summation order is part of P's bits
-        for batch in length_buckets([len(r) for r in rows], batch_tokens):
-            yield from (out["hidden_aux"] for out in backend.forward([rows[i] for i in batch], aux, 1, False, True,
-                                                                     hidden_dtype=torch.float32))  # fmt: skip
+    def features():  # fit_projection stops pulling once it has its tokens: at most one batch more, held as well
+        for shard, recs in _shards_of(source, cfg, ids, set(range(n_shards))):
+            toks = [_tokenize_record(r, backend.tokenizer, source.spec, cfg.kind, cfg.max_length, cfg.fim_tokens,
+                                     thinking) for r in recs]  # fmt: skip
+            inputs = [t.input_ids for t in toks if isinstance(t, data_mod.Tokenized)]
+            for number, batch in enumerate(length_buckets([len(x) for x in inputs], batch_tokens)):
+                rows = [inputs[i] for i in batch]
+                outs = backend.forward(rows, aux, cfg.top_k, want_last, True, **raw)
+                held.setdefault(shard, {})[number] = (rows, outs)
+                yield from (out["hidden_aux"] for out in outs)
 
     width = len(aux) * int(backend.config["hidden_size"])
-    return fit_projection(features(), width, cfg.aux_projection, cfg.calibration_tokens,
-                          getattr(backend, "device", "cpu"))
+    p, record = fit_projection(features(), width, cfg.aux_projection, cfg.calibration_tokens,
+                               getattr(backend, "device", "cpu"))
+    return p, record, held
 
 
 def _flagged_by_verify(root: Path) -> set[int]:

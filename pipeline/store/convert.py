@@ -8,8 +8,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.store.dtypes import _PRECISION, HIDDEN_DTYPES, INT7, LOGPROB_DTYPES, topk_ids_dtype
 from pipeline.store.errors import StoreError
 from pipeline.store.format import FORMAT_VERSION, SampleMeta, TargetPieces, projection_of
@@ -43,8 +41,8 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     ``aux_dtype``: ``hidden_aux``'s dtype (None: the source's; ``"auto"``: int7 when the result is projected, else
     ``hidden_dtype``). ``aux_projection``: ``"keep"`` (the source's: projected stays projected with its P),
     ``"auto"`` (k = 2H) or k
-    (project a whole ``hidden_aux``; P is estimated from the stored features of the first samples of the selection,
-    ``calibration_tokens`` tokens, as extraction does from the target's: equal up to rounding), None (whole; a
+    (project a whole ``hidden_aux``; P is estimated from the stored features of the first ``calibration_tokens``
+    tokens in stored order, as extraction does from the target's in its forward order: equal up to rounding), None (whole; a
     projected source cannot be unprojected).
     """
     from tqdm import tqdm
@@ -136,8 +134,8 @@ def _projection(reader: StoreReader, dst: Path, fp: dict, k: int | str | None, c
     if (dst / PROJECTION_FILE).exists():  # a resumed conversion: the P its committed shards were written with
         p, record = read_projection_file(dst)
     else:
-        order = np.argsort(reader.sample_ids, kind="stable")  # selection order, as extraction calibrates
-        rows = (reader.sample(int(i), ("hidden_aux",))["hidden_aux"] for i in order)
+        # stored order (shards in order, each in its forward's length buckets): the order extraction calibrates in
+        rows = (reader.sample(i, ("hidden_aux",))["hidden_aux"] for i in range(len(reader)))
         p, record = fit_projection(rows, math.prod(reader.fields["hidden_aux"][0]), k, calibration_tokens)
     _publish(dst, p, record)
     fp["projection"]["hidden_aux"] = record

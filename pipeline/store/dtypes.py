@@ -59,7 +59,7 @@ def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_int7(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row int7: ``(zigzag codes uint8, scale)`` with ``t ~= code_value * scale[..., None]``, ``scale = max|row|
-    / 63`` in fp32 (1 for all-zero rows). A row holding NaN/inf gets a non-finite scale and code 127 (no value)."""
+    / 63`` in fp32 (1 for all-zero rows). A non-finite value gets code 127, which holds no value (quarantined)."""
     x = t.detach().float()
     amax = x.abs().amax(-1)
     scale = torch.where(amax > 0, amax / INT7_MAX, torch.ones_like(amax))
