@@ -43,6 +43,8 @@ import torch  # noqa: E402
 from numcodecs import Zstd  # noqa: E402
 
 from pipeline import store as st  # noqa: E402
+from pipeline.extract.runner import ExtractConfig  # noqa: E402
+from pipeline.options import defaults  # noqa: E402
 from pipeline.train import variants  # noqa: E402
 from pipeline.train.engine import Engine, setup_distributed  # noqa: E402
 from pipeline.train.loader import PackedLoader, Prefetcher, resolve_shuffle  # noqa: E402
@@ -87,33 +89,46 @@ def _pack_bits(q: np.ndarray, bits: int) -> bytes:
     return np.packbits(b.reshape(-1), bitorder="little").tobytes()
 
 
-def fewer_bits(reader: st.StoreReader, p: torch.Tensor) -> None:
-    """(g): relative error and bytes/token of the projected EAGLE-3 row (k values) under fp8 per row (stored) and
-    symmetric int8/int6/int4 codes with one fp16 scale per group, raw and after zstd; the whole row's fp8 for
-    scale."""
+def fewer_bits(reader: st.StoreReader) -> None:
+    """(g): the EAGLE-3 row x (A*H values) stored as k projected values under each coding: relative error of the
+    row the head gets back (``Pᵀ·decoded``: projection and rounding together) and bytes/token of the coded values +
+    their scales, compressed in 256-row blocks as the store's chunks are (zstd; int7 codes bit-shuffled, as codec
+    auto stores them). P from the first 16,384 tokens, as extraction estimates it."""
+    from numcodecs import Blosc
+
     rows = [reader.sample(i, ("hidden_aux",))["hidden_aux"] for i in range(len(reader))]
     x = torch.cat([r.reshape(r.shape[0], -1) for r in rows]).float()  # [T, A*H]
-    y = st.project(x, p)  # [T, k]
-    t, k = y.shape
-    print(f"\n(g) fewer bits for the projected EAGLE-3 row (k={k} of {x.shape[1]}), {t} tokens   rel. error   "
-          "B/token raw   B/token zstd")
-    for label, v in (("whole row, fp8 per layer row (format 2 fp8)", x.reshape(t, -1, reader.fields["hidden_last"][0][0])
-                      if "hidden_last" in reader.fields else x[:, None]), ("projected, fp8 per row (stored)", y)):  # fmt: skip
-        q, scale = st.quantize_fp8(v)
-        err = ((q.float() * scale[..., None] - v).reshape(t, -1).norm(dim=-1) / v.reshape(t, -1).norm(dim=-1)).mean()
-        raw = q.view(torch.uint8).numpy().tobytes()
-        extra = scale.numel() * 4 / t
-        print(f"    {label:<58} {err:.4f}   {len(raw) / t + extra:10.0f}   {len(Zstd(3).encode(raw)) / t + extra:11.0f}")
-    for bits, group in ((8, k), (6, 32), (4, 32), (4, 16)):
-        g = y.reshape(t, k // group, group)
-        levels = 2 ** (bits - 1) - 1
-        scale = (g.abs().amax(-1, keepdim=True) / levels).clamp_min(1e-30).half().float()
-        q = torch.round(g / scale).clamp(-levels, levels)
-        err = ((q * scale).reshape(t, k) - y).norm(dim=-1) / y.norm(dim=-1)
-        raw = _pack_bits((q + levels).to(torch.uint8).numpy(), bits)
-        extra = 2 * (k // group)  # fp16 scales
-        print(f"    {f'projected, int{bits}, one fp16 scale per {group} values':<58} {err.mean():.4f}   "
-              f"{len(raw) / t + extra:10.0f}   {len(Zstd(3).encode(raw)) / t + extra:11.0f}")
+    t, width = x.shape
+    h = width // len(reader.aux_layers)
+    gram = st.GramAccumulator(width)
+    gram.add(x[: st.DEFAULT_CALIBRATION_TOKENS])
+
+    def stored_bytes(a: np.ndarray, codec) -> float:
+        return sum(len(codec.encode(np.ascontiguousarray(a[i:i + 256]))) for i in range(0, len(a), 256)) / t
+
+    print(f"\n(g) the EAGLE-3 row ({width} values) stored as k projected values, {t} tokens   rel. error of the row "
+          "read back   B/token")  # fmt: skip
+    for k in (h, 2 * h, 3 * h):
+        p, _ = st.principal_projection(gram.gram, k)
+        y = st.project(x, p)
+        codings = {"fp8 per row": st.quantize_fp8, "int7 per row": st.quantize_int7}
+        for label, quantize in codings.items():
+            q, scale = quantize(y)
+            logical = st.FP8 if quantize is st.quantize_fp8 else st.INT7
+            back = st.dequantize(q.view(torch.uint8).numpy(), scale.numpy(), logical) @ p
+            err = ((back - x).norm(dim=-1) / x.norm(dim=-1)).mean()
+            codec = Zstd(3) if logical == st.FP8 else Blosc("zstd", 3, Blosc.BITSHUFFLE)
+            size = stored_bytes(q.view(torch.uint8).numpy(), codec) + 4
+            print(f"    k = {k:>5} ({k // h}H), {label:<42} {err:.4f}   {size:8.0f}")
+        for bits, group in ((4, 32),):
+            g = y.reshape(t, k // group, group)
+            levels = 2 ** (bits - 1) - 1
+            scale = (g.abs().amax(-1, keepdim=True) / levels).clamp_min(1e-30).half().float()
+            q = torch.round(g / scale).clamp(-levels, levels)
+            err = (((q * scale).reshape(t, k) @ p - x).norm(dim=-1) / x.norm(dim=-1)).mean()
+            raw = _pack_bits((q + levels).to(torch.uint8).numpy(), bits)
+            print(f"    k = {k:>5} ({k // h}H), {f'int{bits}, one fp16 scale per {group} values':<42} {err:.4f}   "
+                  f"{len(Zstd(3).encode(raw)) / t + 2 * (k // group):8.0f}")
 
 
 # (h): target shapes (hidden size, vocabulary) and datasets (records) of the users' scale table
@@ -174,10 +189,14 @@ def make_stores(src: Path, work: Path) -> dict[str, Path]:
     stores["fp8/zstd, fp16 log-probs"] = work / "compact"
     st.reencode_store(src, stores["fp8/zstd, fp16 log-probs"], hidden_dtype=st.FP8, codec="zstd",
                       logprob_dtype="float16")  # fmt: skip
-    for label, dtype in (("P k=H + bf16/none", "bfloat16"), (COMPACT, st.FP8)):
-        stores[label] = work / f"projected-{SHORT[dtype]}"
-        st.reencode_store(src, stores[label], hidden_dtype=dtype, codec="zstd" if dtype == st.FP8 else "none",
-                          logprob_dtype="float16" if dtype == st.FP8 else None, aux_projection="auto")  # fmt: skip
+    h = int(st.StoreReader(src).fingerprint["model"]["hidden_size"])
+    projected = {"P k=H + bf16/none": dict(hidden_dtype="bfloat16", codec="none", aux_projection=h),
+                 "P k=H + fp8/zstd, fp16 log-probs (format-3 default)": dict(hidden_dtype=st.FP8, codec="zstd",
+                                                                            logprob_dtype="float16", aux_projection=h),
+                 COMPACT: {k: v for k, v in defaults(ExtractConfig).items() if k in REENCODE_ARGS}}  # fmt: skip
+    for label, kw in projected.items():
+        stores[label] = work / f"projected-{st.digest(kw)[:8]}"
+        st.reencode_store(src, stores[label], **kw)
     return stores
 
 
@@ -303,6 +322,7 @@ def disk_write_mb_s(work: Path, mb: int = 256) -> float:
 
 
 COMPACT = "P k=2H + int7 aux, fp8 last, codec auto, fp16 log-probs (default)"
+REENCODE_ARGS = ("hidden_dtype", "aux_dtype", "codec", "logprob_dtype", "aux_projection")  # extraction's defaults
 # (f): label -> reencode_store arguments ("H", "2H", "H/2": k from the hidden size); the first is the baseline
 QUALITY_LAYOUTS = {
     "bf16/none (format-2 default)": dict(hidden_dtype="bfloat16", codec="none", logprob_dtype="float32"),
@@ -378,7 +398,7 @@ def layout_sections(args, src: Path, work: Path, sections: set[str]) -> None:
         print(f"    {name:<52} {bpt:8,.0f}   {bpt / peer:9.3f}   {e3:8,.0f}   {e3 / peer:9.3f}")
     for name in ("fp8/zstd, fp16 log-probs", COMPACT):
         print(f"    per field, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in info[name]["bytes_per_token"].items()))
-    fewer_bits(st.StoreReader(src), st.StoreReader(stores[COMPACT]).projection())
+    fewer_bits(st.StoreReader(src))
     scale_table(info[COMPACT], info["fp8/zstd"], int(info[COMPACT]["fingerprint"]["top_k"]),
                 tokens_per_record(args.scale_records))  # fmt: skip
 

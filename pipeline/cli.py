@@ -137,7 +137,7 @@ def main() -> None:
 @click.option("--aux-projection", default=EXTRACT["aux_projection"], show_default=True,
               help="EAGLE-3 features stored as P·x, P = their top-k principal directions: auto (k = 2H), none, or k.")
 @click.option("--calibration-tokens", type=int, default=EXTRACT["calibration_tokens"], show_default=True,
-              help="Tokens of the selection's first records that estimate the projection.")
+              help="Tokens of the extraction's first batches that estimate the projection.")
 @click.option("--for", "stored_for", type=click.Choice(["both", "eagle1", "eagle3"]), default=EXTRACT["stored_for"],
               show_default=True, help="eagle1 keeps only the last hidden state, eagle3 only the aux layers.")  # fmt: skip
 @click.option("--aux-layers", default=EXTRACT["aux_layers"], help="HF hidden-state indices for EAGLE-3 (default 2,N//2,N-3).")

@@ -81,7 +81,7 @@ class ExtractConfig:
     logprob_dtype: str = "float16"  # float32 | float16 (top-k log-probabilities)
     stored_for: str = "both"  # eagle1 | eagle3 | both
     aux_projection: int | str | None = "auto"  # k: hidden_aux stored as P·x (P [k, A*H]); "auto": k = 2H; None: whole
-    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS  # tokens of the selection's first records that estimate P
+    calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS  # tokens of the first batches (forward order) that estimate P
     aux_layers: list[int] | None = None
     shard_size: int = 256
     chunk_tokens: int = 4096

@@ -4,10 +4,10 @@ EAGLE-3 reads its ``A`` aux layers only through ``fc`` (``A*H -> H``, linear, no
 with ``P`` of shape ``[k, A*H]`` and orthonormal rows changes what a head can learn only by the directions ``P``
 drops: the head trains ``fc'`` (``k -> H``) on ``y`` and export writes ``fc = fc'·P``, the ``[H, A*H]`` matrix
 every serving engine loads. ``P`` is the top-``k`` eigenvectors of the uncentered second moment ``Σ x xᵀ`` of a
-calibration slice (the first records of the selection), estimated once per store: it is published in the store
+calibration slice (the extraction's first batches), estimated once per store: it is published in the store
 (``projection.safetensors``) by the first worker, under the store lock, and every other worker, a resumed run and
 a repair load that file, so every shard is written with the same bits. Its sha256, ``k``, the calibration size
-and the kept energy are in the fingerprint (``storage_layout.md``, "Format version 3").
+and the kept energy are in the fingerprint (``storage_layout.md``, "Format version 3" and "4").
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def principal_projection(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, floa
 def fit_projection(rows: Iterable[torch.Tensor], width: int, k: int, calibration_tokens: int,
                    device: str | torch.device = "cpu") -> tuple[torch.Tensor, dict]:  # fmt: skip
     """``(P, its fingerprint record)`` from the first ``calibration_tokens`` rows of ``rows`` (one tensor of feature
-    rows per record, in selection order; non-finite rows left out): what extraction and conversion both estimate."""
+    rows per sample, in forward order; non-finite rows left out): what extraction and conversion both estimate."""
     gram = GramAccumulator(width, device)
     records = 0
     for x in rows:
