@@ -21,8 +21,12 @@ extraction uses: the same bytes as extracting with those flags), then:
     store and of the bf16 store (the whole features a serving engine hands the head; a projected head projects
     them itself): simulated τ and first-position acceptance, each against the bf16 run of the same seed and steps.
     Finished runs are reused (``--work``), so an interrupted run resumes.
+(g) (with b) fewer bits for the projected EAGLE-3 row; (h) (with b) bytes/token and totals at users' scale
+    (Llama-3.1-8B and Qwen3-8B shapes, ShareGPT-68k and UltraChat-200k) predicted from (b)'s compact store;
+(i) the check of (h): a real extraction (default layout) through a random-weight Llama of Llama-3.1-8B's
+    per-token shape with --check-layers layers, bytes/token per array against (h)'s prediction.
 
-    python bench/store.py [--feats FP32_STORE] [--steps 3] [--tokens-per-batch 512] [--sections a,b,c,d,e,f]
+    python bench/store.py [--feats FP32_STORE] [--steps 3] [--tokens-per-batch 512] [--sections a,b,c,d,e,f,i]
 """
 
 from __future__ import annotations
@@ -58,11 +62,11 @@ H100 = {"SmolLM2-135M shape": (384_435, 59_368, 4_871), "Llama-3.2-1B shape": (1
 
 
 def build_source(out: Path, limit: int, max_length: int) -> Path:
-    from pipeline.extract.runner import ExtractConfig, run_extract
+    from pipeline.extract.runner import run_extract
 
     if not (out / "store.arrow").exists():
         run_extract(ExtractConfig(out=out, limit=limit, max_length=max_length, hidden_dtype="float32",
-                                  shard_size=max(1, limit // 2), progress=False))  # fmt: skip
+                                  aux_projection=None, shard_size=max(1, limit // 2), progress=False))  # fmt: skip
     return out
 
 
@@ -136,34 +140,151 @@ SHAPES = {"Llama-3.1-8B": (4096, 128_256), "Qwen3-8B": (4096, 151_936)}
 DATASETS = {"ShareGPT-68k": 68_000, "UltraChat-200k": 200_000}
 
 
-def scale_table(compact: dict, whole_fp8: dict, top_k: int, tokens_per_record: float) -> None:
-    """(h): bytes/token and totals at users' scale. Ours: each array's stored size at the shape (k = H, fp8 rows
-    + fp32 scales, top-k ids int32 above 65,536 ids, fp16 log-probs) times the zstd ratio that array had in (b) on
-    SmolLM2; the peers' layouts from their formats: SpecForge's per-sample bf16 torch.save (aux 3H + last H in
-    bf16, int64 ids and mask) and speculators' fp8 (one byte per value of the same hidden states, ids as SpecForge;
-    its scales left out)."""
-    def ratio(info: dict, name: str, raw_per_token: float) -> float:
-        return info["bytes_per_token"].get(name, raw_per_token) / raw_per_token
+def at_shape(fp: dict, hidden: int, vocab: int) -> dict:
+    """The fingerprint a store in ``fp``'s layout would have for a target of this hidden size and vocabulary: the
+    same dtypes, top-k and aux layers, top-k ids as wide as the vocabulary needs, a projection with the same k/H."""
+    h0 = int(fp["model"]["hidden_size"])
+    proj = {n: {**r, "k": r["k"] * hidden // h0, "input_width": r["input_width"] * hidden // h0}
+            for n, r in (fp.get("projection") or {}).items()}  # fmt: skip
+    return {**fp, "model": {**fp["model"], "hidden_size": hidden, "vocab_size": vocab},
+            "dtypes": {**fp["dtypes"], "topk_ids": st.topk_ids_dtype(vocab)}, "projection": proj}  # fmt: skip
 
-    h0 = compact["fingerprint"]["model"]["hidden_size"]
-    r_aux = ratio(compact, "hidden_aux", h0)
-    r_last = ratio(compact, "hidden_last", h0)
-    r_ids = ratio(compact, "topk_ids", 2 * top_k)
-    r_lp = ratio(compact, "topk_logprobs", 2 * top_k)
+
+def raw_bytes_per_token(fp: dict) -> dict[str, float]:
+    """Per Zarr array of a shard (the store's own array_shapes): uncompressed bytes per token."""
+    return {name: float(np.prod(tail, dtype=np.int64)) * st.storage_dtype(logical).itemsize
+            for name, (tail, logical) in st.array_shapes(fp).items()}  # fmt: skip
+
+
+def predicted_bytes_per_token(info: dict, hidden: int, vocab: int) -> dict[str, float]:
+    """Per stored array (and metadata): bytes/token of ``info``'s layout (an ``inspect_store`` result) at a target
+    of this shape = the array's raw bytes/token at that shape times the compression ratio it has in ``info``'s
+    store; per-shard metadata as measured."""
+    fp = info["fingerprint"]
+    src, dst = raw_bytes_per_token(fp), raw_bytes_per_token(at_shape(fp, hidden, vocab))
+    return {name: bpt * dst[name] / src[name] if name in src else bpt for name, bpt in info["bytes_per_token"].items()}
+
+
+def without_last(per_array: dict[str, float]) -> float:
+    """Total bytes/token of the same store --for eagle3 (no hidden_last arrays; everything else identical)."""
+    return sum(v for name, v in per_array.items() if not name.startswith("hidden_last"))
+
+
+def peer_bytes_per_token(hidden: int) -> dict[str, float]:
+    """The peers' layouts from their formats: SpecForge's per-sample bf16 torch.save (aux 3H + last H in bf16,
+    int64 ids and mask) and speculators' fp8 (one byte per value of the same hidden states, ids as SpecForge; its
+    scales left out)."""
+    return {"SpecForge bf16 torch.save (both)": 8 * hidden + 16, "speculators fp8 (both)": 4 * hidden + 16}
+
+
+def scale_table(compact: dict, tokens_per_record: float) -> None:
+    """(h): bytes/token and totals at users' scale: ours from :func:`predicted_bytes_per_token` of the compact
+    store measured in (b) on SmolLM2; the peers' from :func:`peer_bytes_per_token`."""
+    fp = compact["fingerprint"]
+    raw = raw_bytes_per_token(fp)
+    ratios = ", ".join(f"{n} {b / raw[n]:.3f}" for n, b in compact["bytes_per_token"].items() if n in raw)
     print(f"\n(h) users' scale, {tokens_per_record:,.0f} tokens per record (measured on the embedded ShareGPT with "
-          f"SmolLM2's tokenizer, max 4,096; UltraChat assumed alike); zstd ratios from (b): hidden_aux {r_aux:.3f}, "
-          f"hidden_last {r_last:.3f}, top-k ids {r_ids:.3f}, log-probs {r_lp:.3f}")
+          f"SmolLM2's tokenizer, max 4,096; UltraChat assumed alike); stored/raw ratios from (b)'s compact store "
+          f"(hidden {fp['dtypes']['hidden']}, codec {fp['sharding']['codec']}): {ratios}")
     print(f"    {'shape':<14} {'layout':<44} {'B/token':>8}  vs SpecForge   " + "   ".join(f"{d:>14}" for d in DATASETS))
     for shape, (h, v) in SHAPES.items():
-        ids = (2 if v <= 1 << 16 else 4) * top_k * r_ids + 2 * top_k * r_lp + 5  # top-k + input_ids + mask
-        aux = (h + 4) * r_aux  # k = H fp8 values + one fp32 scale
-        last = (h + 4) * r_last
-        rows = {"SpecForge bf16 torch.save (both)": 8 * h + 16, "speculators fp8 (both)": 4 * h + 16,
-                "ours, compact, --for both": aux + last + ids, "ours, compact, --for eagle3": aux + ids}  # fmt: skip
+        ours = predicted_bytes_per_token(compact, h, v)
+        rows = {**peer_bytes_per_token(h), "ours, compact, --for both": sum(ours.values()),
+                "ours, compact, --for eagle3": without_last(ours)}  # fmt: skip
+        base = rows["SpecForge bf16 torch.save (both)"]
         for label, bpt in rows.items():
             totals = "   ".join(f"{bpt * tokens_per_record * n / 1e12:11.2f} TB" for n in DATASETS.values())
-            print(f"    {shape:<14} {label:<44} {bpt:8,.0f}  {bpt / rows['SpecForge bf16 torch.save (both)']:10.3f}   "
-                  f"{totals}")
+            print(f"    {shape:<14} {label:<44} {bpt:8,.0f}  {bpt / base:10.3f}   {totals}")
+
+
+# (i): Llama-3.1-8B's per-token shape (meta-llama/Llama-3.1-8B config.json); the depth is --check-layers
+LLAMA31_8B = {"hidden": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "vocab_size": 128_256, "max_position_embeddings": 131_072, "tie": False,
+              "rope_parameters": {"rope_type": "llama3", "rope_theta": 500_000.0, "factor": 8.0,
+                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                  "original_max_position_embeddings": 8192}}  # fmt: skip
+LLAMA31_8B_LAYERS = 32
+
+
+def check_at_8b(args, work: Path, reference: dict) -> None:
+    """(i): extract real ShareGPT samples (the default layout) through a seeded random-weight Llama of
+    Llama-3.1-8B's per-token shape with ``--check-layers`` layers, fp32 on the CPU, and print its bytes/token per
+    array next to (h)'s prediction for Llama-3.1-8B from ``reference`` (the compact SmolLM2 store of (b)).
+
+    Bytes/token do not depend on depth: every stored row is H wide (or k for the projected EAGLE-3 row, P
+    [k, A*H]), top-k ids/log-probs are top_k wide. The pipeline's default aux layers for 32 layers are 3
+    (``default_aux_layers``); a shallow model's default picks fewer, so the check names layers 1..3 (the inputs
+    of decoder layers 1..3), which keeps A*H = 3H, the 8B's calibration width."""
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from conftest import make_tiny_llama  # tests/conftest.py
+
+    from pipeline.assets import smollm2_dir
+    from pipeline.extract.hf_backend import HFBackend
+    from pipeline.extract.runner import default_aux_layers, run_extract
+
+    n_aux = len(default_aux_layers(LLAMA31_8B_LAYERS))
+    if args.check_layers <= n_aux:
+        sys.exit(f"--check-layers {args.check_layers}: need more than {n_aux} layers for {n_aux} aux layers")
+    model_dir = work / f"llama31-8b-shape-{args.check_layers}-layers"
+    if not (model_dir / "config.json").exists():
+        t = time.perf_counter()
+        make_tiny_llama(model_dir, AutoTokenizer.from_pretrained(smollm2_dir()), layers=args.check_layers,
+                        **LLAMA31_8B)  # fmt: skip
+        print(f"\n(i) built {model_dir.name} (random weights, seed 0) in {time.perf_counter() - t:.0f} s")
+    backend = HFBackend(model_dir, device="cpu", compute_dtype="float32")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from extract import tokenized_slice  # bench/extract.py
+
+    vocab_ids = len(backend.tokenizer)
+    held = sum(len(r) for r in tokenized_slice(backend.tokenizer, args.check_limit, args.check_max_length))
+    calibration = min(held, ExtractConfig.calibration_tokens)
+    out = work / "llama31-8b-shape-store"
+    t = time.perf_counter()
+    if not (out / "store.arrow").exists() or st.inspect_store(out)["complete"] is False:
+        run_extract(ExtractConfig(out=out, limit=args.check_limit, max_length=args.check_max_length,
+                                  aux_layers=list(range(1, n_aux + 1)), calibration_tokens=calibration,
+                                  batch_tokens=2048, device="cpu", compute_dtype="float32", progress=False),
+                    backend=backend)  # fmt: skip
+    wall = time.perf_counter() - t
+    del backend
+    info = st.inspect_store(out)
+    fp = info["fingerprint"]
+    h, v = SHAPES["Llama-3.1-8B"]
+    predicted = predicted_bytes_per_token(reference, h, v)
+    measured = info["bytes_per_token"]
+    proj = st.projection_of(fp, "hidden_aux")
+    print(f"\n(i) check of (h) at Llama-3.1-8B's per-token shape (H {h}, V {v:,}, 32/8 heads, FFN 14,336): a "
+          f"random-weight {args.check_layers}-layer model, fp32 on the CPU, default layout (hidden "
+          f"{fp['dtypes']['hidden']}, top-k ids {fp['dtypes']['topk_ids']}, log-probs {fp['dtypes']['topk_logprobs']}, "
+          f"codec {fp['sharding']['codec']}, aux layers {fp['layers']['aux']}"
+          + (f", hidden_aux projected to k={proj['k']} of {proj['input_width']}, energy kept {proj['energy']:.3f}, "
+             f"calibration {proj['calibration']['rows']} rows of {proj['calibration']['records']} records (lowered "
+             f"from {ExtractConfig.calibration_tokens:,} to the {held:,} tokens these samples hold)" if proj else "")
+          + f"); ShareGPT records [0, {args.check_limit}), max_length {args.check_max_length}: {info['samples']} "
+          f"samples, {info['tokens']:,} tokens, {wall:.0f} s (shared machine)")
+    print(f"    {'array':<28} {'raw':>8} {'measured':>9} {'predicted (h)':>14}   measured/predicted")
+    raw = raw_bytes_per_token(fp)
+    for name in sorted(set(measured) | set(predicted)):
+        m, p = measured.get(name, float("nan")), predicted.get(name, float("nan"))
+        print(f"    {name:<28} {raw.get(name, float('nan')):8,.1f} {m:9,.1f} {p:14,.1f}   {m / p:18.3f}")
+    for label, m, p in (("total, --for both", sum(measured.values()), sum(predicted.values())),
+                        ("total, --for eagle3", without_last(measured), without_last(predicted))):  # fmt: skip
+        print(f"    {label:<28} {'':>8} {m:9,.1f} {p:14,.1f}   {m / p:18.3f}")
+    spec = peer_bytes_per_token(h)["SpecForge bf16 torch.save (both)"]
+    print(f"    measured --for both / SpecForge bf16 ({spec:,} B/token): {sum(measured.values()) / spec:.3f}; "
+          f"--for eagle3: {without_last(measured) / spec:.3f}")
+    if proj and proj["calibration"]["rows"] < proj["k"]:
+        print(f"    caveat: {proj['calibration']['rows']} calibration rows < k={proj['k']}: P's last "
+              f"{proj['k'] - proj['calibration']['rows']} rows span no calibration feature, so the calibrated "
+              "samples' projected rows are near zero there and compress better than they would: hidden_aux is low")
+    print("    caveat: random weights, not a trained model: the hidden states, the top-k ids and log-probs have other "
+          "value statistics than Llama-3.1-8B's, so the compression ratios (the measured/raw of each array) check "
+          "the format and the arithmetic of (h), not the trained model's zstd ratios; the --for eagle3 figure is "
+          "this store less its hidden_last arrays (a --for eagle3 store holds the same other arrays: same P, same "
+          f"calibration); the model vocabulary (128,256) sets the top-k id dtype, the SmolLM2 tokenizer ({vocab_ids:,} "
+          "ids) the input ids")
 
 
 def tokens_per_record(records: int) -> float:
@@ -192,12 +313,19 @@ def make_stores(src: Path, work: Path) -> dict[str, Path]:
     h = int(st.StoreReader(src).fingerprint["model"]["hidden_size"])
     projected = {"P k=H + bf16/none": dict(hidden_dtype="bfloat16", codec="none", aux_projection=h),
                  "P k=H + fp8/zstd, fp16 log-probs (format-3 default)": dict(hidden_dtype=st.FP8, codec="zstd",
-                                                                            logprob_dtype="float16", aux_projection=h),
-                 COMPACT: {k: v for k, v in defaults(ExtractConfig).items() if k in REENCODE_ARGS}}  # fmt: skip
+                                                                            logprob_dtype="float16", aux_projection=h)}
     for label, kw in projected.items():
         stores[label] = work / f"projected-{st.digest(kw)[:8]}"
         st.reencode_store(src, stores[label], **kw)
+    stores[COMPACT] = compact_store(src, work)
     return stores
+
+
+def compact_store(src: Path, work: Path) -> Path:
+    """The compact store of (b) (extraction's default layout), written from ``src`` (a re-run resumes it)."""
+    out = work / "compact-default"
+    st.reencode_store(src, out, **{k: v for k, v in defaults(ExtractConfig).items() if k in REENCODE_ARGS})
+    return out
 
 
 def warm(path: Path) -> None:
@@ -399,8 +527,7 @@ def layout_sections(args, src: Path, work: Path, sections: set[str]) -> None:
     for name in ("fp8/zstd, fp16 log-probs", COMPACT):
         print(f"    per field, {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in info[name]["bytes_per_token"].items()))
     fewer_bits(st.StoreReader(src))
-    scale_table(info[COMPACT], info["fp8/zstd"], int(info[COMPACT]["fingerprint"]["top_k"]),
-                tokens_per_record(args.scale_records))  # fmt: skip
+    scale_table(info[COMPACT], tokens_per_record(args.scale_records))
 
     order = ["bf16/none"] + [n for n in stores if n != "bf16/none"]  # the baseline first
     if "c" in sections:
@@ -474,6 +601,9 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--sections", default="a,b,c,d,e,f")
     ap.add_argument("--scale-records", type=int, default=1000, help="(h): ShareGPT records measured for tokens/record")
+    ap.add_argument("--check-layers", type=int, default=4, help="(i): layers of the 8B-shaped random model")
+    ap.add_argument("--check-limit", type=int, default=10, help="(i): ShareGPT records extracted")
+    ap.add_argument("--check-max-length", type=int, default=512, help="(i): max tokens per sample")
     ap.add_argument("--quality-steps", default="180,800", help="(f): training steps, comma-separated")
     ap.add_argument("--seeds", default="0", help="(f): seeds, comma-separated")
     ap.add_argument("--layouts", default=",".join(map(str, range(len(QUALITY_LAYOUTS)))),
@@ -493,6 +623,8 @@ def main() -> None:
         scale_granularity(reader)
     if sections & {"b", "c", "d", "e"}:
         layout_sections(args, src, work, sections)
+    if "i" in sections:
+        check_at_8b(args, work, st.inspect_store(compact_store(src, work)))
     if "f" in sections:
         layouts = [list(QUALITY_LAYOUTS)[int(i)] for i in args.layouts.split(",")]
         quality(src, work, [int(x) for x in args.quality_steps.split(",")], [int(x) for x in args.seeds.split(",")],

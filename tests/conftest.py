@@ -73,17 +73,20 @@ def smollm2_tokenizer(smollm2_dir):
 
 
 def make_tiny_llama(path: Path, tokenizer, *, layers: int = 8, hidden: int = 64, seed: int = 0,
-                    tie: bool = True) -> Path:
-    """A seeded random fp32 Llama with SmolLM2's tokenizer, saved as an HF directory."""
+                    tie: bool = True, **config) -> Path:
+    """A seeded random fp32 Llama with SmolLM2's tokenizer, saved as an HF directory; ``config`` overrides
+    LlamaConfig fields (bench/store.py (i) builds Llama-3.1-8B's per-token shape with it)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5,
-        tie_word_embeddings=tie, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
+    config = LlamaConfig(**{
+        "vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": tie,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        **config,
+    })  # fmt: skip
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
