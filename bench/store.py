@@ -66,7 +66,8 @@ def build_source(out: Path, limit: int, max_length: int) -> Path:
 
     if not (out / "store.arrow").exists():
         run_extract(ExtractConfig(out=out, limit=limit, max_length=max_length, hidden_dtype="float32",
-                                  aux_projection=None, shard_size=max(1, limit // 2), progress=False))  # fmt: skip
+                                  logprob_dtype="float32", codec="none", aux_projection=None,
+                                  shard_size=max(1, limit // 2), progress=False))  # fmt: skip
     return out
 
 
