@@ -1,7 +1,7 @@
 """Real vLLM engines on the real SmolLM2 (vLLM's CPU build here and in CI, fp32, eager): extraction through the
-project's connector against the HF backend; both trained heads served by vLLM's speculative decoding against
-vLLM's own greedy output and against the project's HF evaluator on the same prompts; regeneration against the HF
-backend.
+project's connector against the HF backend; both trained heads (from the shared store, whose EAGLE-3 features are
+projected) served by vLLM's speculative decoding against vLLM's own greedy output and against the project's HF
+evaluator on the same prompts, verification forward for forward; regeneration against the HF backend.
 
 Engine start-ups dominate (about a minute each on 2 cores): four engines (the extraction engine, the plain
 baseline, one per head, the regeneration engine) plus the HF runs. Skipped without vllm, failed instead where CI
