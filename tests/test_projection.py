@@ -3,13 +3,13 @@ fc = fc'·P at export; the same P for every worker, resume and conversion; older
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import want_optional
 
 from pipeline import store as st
 from pipeline.cli import main as cli
@@ -91,7 +91,7 @@ def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_pat
     assert torch.allclose(served.fuse(x), model.fuse(y), atol=1e-4)
     assert torch.allclose(model.fuse(x), model.fuse(y), atol=1e-4)  # a projected head also takes whole features
 
-    if importlib.util.find_spec("speculators") is not None:  # the speculators package's loader: our logits
+    if want_optional("speculators", "PIPELINE_REQUIRE_SPECULATORS"):  # the speculators package's loader: our logits
         from pipeline.draft.speculators_check import compare_logits, load_with_speculators
 
         theirs = load_with_speculators(export_draft(model, None, tmp_path / "spec", "speculators", dtype=torch.float32))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import want_optional
 
 from pipeline import store as st
 from pipeline.draft.export import load_export
@@ -186,13 +187,30 @@ def test_export_reloads_identically(tiny_whole_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_eagle1_and_eagle3_from_one_store(smollm2_runs):
+def test_real_smollm2_eagle1_and_eagle3_from_one_store(smollm2_runs, smollm2_store, tmp_path):
     e1, e3 = smollm2_runs["eagle1"][1], smollm2_runs["eagle3"][1]
     assert e1["last"]["loss"] < e1["first"]["loss"] and e1["last"]["acc"] > e1["first"]["acc"] + 0.1
     assert e3["last"]["loss"] < e3["first"]["loss"] and e3["last"]["acc_0"] > e3["first"]["acc_0"] + 0.1
     record1 = json.loads((smollm2_runs["eagle1"][0] / "config.json").read_text())
     record3 = json.loads((smollm2_runs["eagle3"][0] / "config.json").read_text())
     assert record1["store_fingerprint_digest"] == record3["store_fingerprint_digest"]  # one extraction, two heads
+    # EAGLE-3 trained on the projected store; the speculators package's loader of its export (fc = fc'·P folded,
+    # whole features in) gives the head's logits on the store's projected rows, step by step
+    model, _ = load_run(smollm2_runs["eagle3"][0])
+    reader = st.StoreReader(smollm2_store)
+    assert model.aux_projection is not None and torch.equal(model.aux_projection, reader.projection())
+    if not want_optional("speculators", "PIPELINE_REQUIRE_SPECULATORS"):
+        return
+    from pipeline.draft.export import export_draft
+    from pipeline.draft.speculators_check import compare_logits, load_with_speculators
+
+    theirs = load_with_speculators(export_draft(model, None, tmp_path / "spec", "speculators", dtype=torch.float32))
+    sample, n = reader.sample(0), 128
+    row = {"input_ids": sample["input_ids"][:n].long()[None], "loss_mask": sample["loss_mask"][:n].float()[None],
+           "position_ids": torch.arange(n)[None], "doc_ids": torch.zeros(1, n, dtype=torch.long),
+           "hidden_aux": sample["hidden_aux"][:n].float()[None]}  # fmt: skip
+    for step in compare_logits(model.float(), theirs, row, steps=3):
+        assert step["rel_diff"] < 1e-4 and step["argmax_agree"] == 1.0, step
 
 
 def test_dynamic_rope_targets_train_only_within_their_exact_length(smollm2_tokenizer, tmp_path):
