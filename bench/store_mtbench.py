@@ -47,15 +47,18 @@ def build_stores(work: Path) -> dict[str, dict]:
     from pipeline.extract.runner import run_extract
     from pipeline.store import inspect_store, reencode_store
 
+    def complete(store: Path) -> bool:  # store.arrow is written first: an interrupted run resumes
+        return (store / "store.arrow").exists() and inspect_store(store)["complete"]
+
     source = work / "fp32"
-    if not (source / "store.arrow").exists():
+    if not complete(source):
         run_extract(ExtractConfig(out=source, limit=DemoConfig.records, max_length=DemoConfig.max_length,
                                   shard_size=DEMO_SHARD_SIZE, hidden_dtype="float32", aux_dtype="auto",
                                   logprob_dtype="float32", codec="none", aux_projection=None,
                                   progress=False))  # fmt: skip
     infos = {}
     for name, kwargs in layouts().items():
-        if not (work / name / "store.arrow").exists():
+        if not complete(work / name):
             reencode_store(source, work / name, **kwargs)
         infos[name] = inspect_store(work / name)
     return infos
@@ -100,8 +103,10 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--shuffle", choices=["auto", "global"], default="auto")
+    ap.add_argument("--layouts", default="bf16,compact", help="Train and evaluate these (e.g. one per process).")
     args = ap.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    names = args.layouts.split(",")
     started = time.time()
     infos = build_stores(args.work)
     for name, info in infos.items():
@@ -109,7 +114,7 @@ def main() -> None:
               f"aux {info['aux_dtype']}, codec {info['codec']}, {info['bytes_per_token_total']:.1f} B/token")
     rows = []
     for seed in seeds:
-        for name in infos:
+        for name in names:
             t = time.time()
             summary, export = train_and_export(args.work, name, seed, args.shuffle)
             report = mtbench(export, args.work / "evals" / f"{name}-s{seed}-d{args.depth}-q{args.questions}.json",
@@ -129,14 +134,17 @@ def main() -> None:
         print(f"{r['layout']:<8} {r['seed']:>4} {r['bpt']:>8.1f} {r['tau']:>10.3f} {r['pos0']:>9.3f} "
               f"{r['mismatches']!s:>10} {r['turns']:>5} {r['sim_tau']:>6.3f}")  # fmt: skip
     by = {(r["layout"], r["seed"]): r for r in rows}
-    ratios = {k: [by["compact", s][k] / by["bf16", s][k] for s in seeds] for k in ("bpt", "tau", "pos0", "sim_tau")}
-    print("\ncompact / bf16   " + "  ".join(f"{k}" for k in ("B/token", "τ", "pos-0", "sim τ")))
-    for i, s in enumerate(seeds):
-        print(f"seed {s:<11} " + "  ".join(f"{ratios[k][i]:.3f}" for k in ratios))
-    print(f"{'mean':<16} " + "  ".join(f"{statistics.mean(v):.3f}" for v in ratios.values()))
-    for name in infos:
+    paired = [s for s in seeds if ("compact", s) in by and ("bf16", s) in by]
+    if paired:
+        keys = ("bpt", "tau", "pos0", "sim_tau")
+        ratios = {k: [by["compact", s][k] / by["bf16", s][k] for s in paired] for k in keys}
+        print(f"\n{'compact / bf16':<14} {'B/token':>7} {'τ':>7} {'pos-0':>7} {'sim τ':>7}")
+        for i, s in enumerate(paired):
+            print(f"{f'seed {s}':<14} " + " ".join(f"{ratios[k][i]:>7.3f}" for k in keys))
+        print(f"{'mean':<14} " + " ".join(f"{statistics.mean(ratios[k]):>7.3f}" for k in keys))
+    for name in names:
         taus = [by[name, s]["tau"] for s in seeds]
-        print(f"{name} τ across seeds: {min(taus):.3f}-{max(taus):.3f}")
+        print(f"{name} MT-bench τ across seeds: {min(taus):.3f}-{max(taus):.3f}")
     print(f"\n{time.time() - started:.0f} s in all (machine shared; timings are not the point)")
 
 
