@@ -69,7 +69,8 @@ def train_and_export(work: Path, layout: str, seed: int, shuffle: str) -> tuple[
     from pipeline.train.trainer import TrainConfig, train
     from pipeline.train.variants import export_run
 
-    run, export = work / "runs" / f"{layout}-s{seed}", work / "exports" / f"{layout}-s{seed}"
+    name = f"{layout}-s{seed}" + ("" if shuffle == "auto" else f"-{shuffle}")
+    run, export = work / "runs" / name, work / "exports" / name
     if (run / "summary.json").exists():
         summary = json.loads((run / "summary.json").read_text())
     else:
@@ -117,7 +118,7 @@ def main() -> None:
         for name in names:
             t = time.time()
             summary, export = train_and_export(args.work, name, seed, args.shuffle)
-            report = mtbench(export, args.work / "evals" / f"{name}-s{seed}-d{args.depth}-q{args.questions}.json",
+            report = mtbench(export, args.work / "evals" / f"{export.name}-d{args.depth}-q{args.questions}.json",
                              args.questions, args.depth, args.max_new_tokens)  # fmt: skip
             rows.append({"layout": name, "seed": seed, "bpt": infos[name]["bytes_per_token_total"],
                          "tau": report["acceptance_length"], "pos0": report["per_position_acceptance"][0],
