@@ -143,7 +143,7 @@ def main() -> None:
     for codec in ("none", "zstd", "blosc"):
         root = work / codec
         if codec != "none":
-            run_extract(ExtractConfig(out=root, codec=codec, **cfg), backend=backend)
+            run_extract(ExtractConfig(out=root, **{**cfg, "codec": codec}), backend=backend)
         bpt = sum(inspect_store(root)["bytes_per_token"].values())
         print(f"    {codec:<34} {bpt:11.1f}   {read_speed(root):10.1f}")
 
