@@ -44,6 +44,20 @@ def test_principal_projection_keeps_the_dominant_subspace():
         st.principal_projection(acc.gram, 13)
 
 
+def test_projection_does_not_depend_on_the_thread_count():
+    """P's sha256 is in the fingerprint: a process on 2 threads and one on 1 must estimate the same bits."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 192, generator=g) * torch.linspace(0.01, 3.0, 192)
+    threads, found = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            found.append(st.fit_projection([x[:2000], x[2000:]], 192, 128, 4000)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(found[0], found[1])
+
+
 def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_path, one_thread):
     """Default extraction = compact store with hidden_aux = P·x (k = 2H, int7 rows); the stored rows are P·x of the whole
     extraction's x; a head trained on it exports fc = fc'·P whose logits on the whole features equal the trained

@@ -104,6 +104,7 @@ from pipeline.store.projection import (  # noqa: F401
     GramAccumulator,
     auto_projection_k,
     describe_projection,
+    fit_projection,
     load_projection,
     principal_projection,
     project,

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +74,24 @@ def fit_projection(rows: Iterable[torch.Tensor], width: int, k: int, calibration
         if gram.rows >= calibration_tokens:
             break
         x = x.reshape(x.shape[0], -1)[: calibration_tokens - gram.rows]
-        gram.add(x[torch.isfinite(x).all(dim=1)])
+        with _one_thread():
+            gram.add(x[torch.isfinite(x).all(dim=1)])
         records += 1
-    p, energy = principal_projection(gram.gram, k)
+    with _one_thread():
+        p, energy = principal_projection(gram.gram, k)
     return p, describe_projection(p, energy, {"tokens": calibration_tokens, "rows": gram.rows, "records": records})
+
+
+@contextmanager
+def _one_thread():
+    """The CPU's fp64 sums and eigensolver split their work by the thread count, and so round differently: P (whose
+    sha256 is in the fingerprint) is computed on one thread, so that every process writes the same store."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def projection_sha256(p: torch.Tensor) -> str:
