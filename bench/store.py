@@ -21,7 +21,7 @@ extraction uses: the same bytes as extracting with those flags), then:
     store and of the bf16 store (the whole features a serving engine hands the head; a projected head projects
     them itself): simulated τ and first-position acceptance, each against the bf16 run of the same seed and steps.
     Finished runs are reused (``--work``), so an interrupted run resumes.
-(g) (with b) fewer bits for the projected EAGLE-3 row; (h) (with b) bytes/token and totals at users' scale
+(g) (with b) the EAGLE-3 row as k = H, 2H, 3H projected values in fp8, int7, int4: error read back vs bytes; (h) (with b) bytes/token and totals at users' scale
     (Llama-3.1-8B and Qwen3-8B shapes, ShareGPT-68k and UltraChat-200k) predicted from (b)'s compact store;
 (i) the check of (h): a real extraction (default layout) through a random-weight Llama of Llama-3.1-8B's
     per-token shape with --check-layers layers, bytes/token per array against (h)'s prediction.
