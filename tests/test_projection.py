@@ -154,6 +154,12 @@ def test_one_projection_for_every_worker_resume_and_conversion(tiny_llama_dir, t
     assert torch.allclose(conv.projection().abs(), p.abs(), atol=1e-3)
     res = runner.invoke(cli, ["convert", str(root), "--out", str(tmp_path / "back"), "--aux-projection", "none"])
     assert res.exit_code == 2 and "re-extract" in res.output
+    fmt3 = tmp_path / "format-3-layout"  # k = H, fp8: --compact keeps its P and re-encodes the rows as int7
+    extract(tiny_llama_dir, fmt3, aux_projection=64, aux_dtype=st.FP8, codec="zstd")
+    res = runner.invoke(cli, ["convert", str(fmt3), "--out", str(tmp_path / "fmt3-compact"), "--compact", "--no-progress"])
+    again = st.StoreReader(tmp_path / "fmt3-compact")
+    assert res.exit_code == 0 and again.fields["hidden_aux"] == ((64,), st.INT7), res.output
+    assert torch.equal(again.projection(), st.StoreReader(fmt3).projection())
 
 
 def test_the_calibration_forward_is_the_extractions_own(tiny_llama_dir, tmp_path, one_thread):

@@ -40,7 +40,7 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
 
     ``aux_dtype``: ``hidden_aux``'s dtype (None: the source's; ``"auto"``: int7 when the result is projected, else
     ``hidden_dtype``). ``aux_projection``: ``"keep"`` (the source's: projected stays projected with its P),
-    ``"auto"`` (k = 2H) or k
+    ``"auto"`` (k = 2H; a projected source keeps its k) or k
     (project a whole ``hidden_aux``; P is estimated from the stored features of the first ``calibration_tokens``
     tokens in stored order, as extraction does from the target's in its forward order: equal up to rounding), None (whole; a
     projected source cannot be unprojected).
@@ -120,8 +120,9 @@ def _projection(reader: StoreReader, dst: Path, fp: dict, k: int | str | None, c
         if source is not None:
             _publish(dst, reader.projection("hidden_aux"), source)
         return None
-    if k == "auto":
-        k = auto_projection_k(int(fp["model"]["hidden_size"]), len(fp["layers"]["aux"]))
+    if k == "auto":  # a projected source keeps its P (its whole features are gone); else k = 2H
+        k = source["k"] if source is not None else auto_projection_k(int(fp["model"]["hidden_size"]),
+                                                                     len(fp["layers"]["aux"]))  # fmt: skip
     if source is not None:
         if k == source["k"]:
             _publish(dst, reader.projection("hidden_aux"), source)
