@@ -62,13 +62,15 @@ class FileLock:
 
     def holder(self) -> str:
         """Who holds (or last held) the lock, in words."""
-        try:
-            info = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            return "another process"
-        if not info:
-            return "another process"
-        return f"pid {info.get('pid')} on {info.get('host')}"
+        for _ in range(20):  # the holder writes its name just after taking the lock: a reader can land in between
+            try:
+                info = json.loads(self.path.read_text() or "{}")
+            except (OSError, ValueError):
+                info = {}
+            if info:
+                return f"pid {info.get('pid')} on {info.get('host')}"
+            time.sleep(0.025)
+        return "another process"
 
     def is_free(self) -> bool:
         """True when nobody holds the lock right now (probes by taking and releasing it)."""
