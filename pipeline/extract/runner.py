@@ -28,15 +28,16 @@ from pipeline.assets import cache_dir, resolve_data, resolve_model
 from pipeline.store import (
     FORMAT_VERSION,
     HIDDEN_DTYPES,
-    INT7,
     LOGPROB_DTYPES,
     SCALED,
     SampleMeta,
     StoreError,
     StoreReader,
     StoreWriter,
+    aux_dtype_for,
     bad_shards_of,
     canonical_json,
+    check_hidden_dtype,
     config_sha256,
     sha256_file,
     sha256_files,
@@ -254,9 +255,7 @@ def run_extract(cfg: ExtractConfig, backend=None) -> dict:
     """Extract this worker's shards; returns the summary printed by the CLI. ``backend``: reuse a loaded one."""
     t0 = time.time()
     resolve_rank(cfg.rank, cfg.world_size)
-    if cfg.hidden_dtype not in HIDDEN_DTYPES or cfg.hidden_dtype == INT7:
-        raise ValueError(f"--hidden-dtype {cfg.hidden_dtype!r}: choose one of "
-                         f"{', '.join(d for d in HIDDEN_DTYPES if d != INT7)}")  # fmt: skip
+    check_hidden_dtype(cfg.hidden_dtype, "--hidden-dtype", ValueError)
     if cfg.aux_dtype != "auto" and cfg.aux_dtype not in HIDDEN_DTYPES:
         raise ValueError(f"--aux-dtype {cfg.aux_dtype!r}: choose auto or one of {', '.join(HIDDEN_DTYPES)}")
     if cfg.logprob_dtype not in LOGPROB_DTYPES:
@@ -315,8 +314,7 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
     if cfg.aux_projection == "auto":  # k = 2H: the measured choice (README "Compact store")
         cfg = replace(cfg, aux_projection=auto_projection_k(int(backend.config["hidden_size"]), len(aux))
                       if want_aux else None)  # fmt: skip
-    if cfg.aux_dtype == "auto":
-        cfg = replace(cfg, aux_dtype=INT7 if cfg.aux_projection else cfg.hidden_dtype)
+    cfg = replace(cfg, aux_dtype=aux_dtype_for(cfg.aux_dtype, bool(cfg.aux_projection), cfg.hidden_dtype))
     if want_aux:
         fingerprint["dtypes"]["hidden_aux"] = cfg.aux_dtype
     n_shards = -(-n_records // cfg.shard_size)

@@ -22,6 +22,8 @@ from pipeline.store.dtypes import (  # noqa: F401
     SCALE_SUFFIX,
     SCALED,
     ScaledRows,
+    aux_dtype_for,
+    check_hidden_dtype,
     dequantize,
     encode_field,
     from_storage,

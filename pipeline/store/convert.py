@@ -8,7 +8,14 @@ import os
 import shutil
 from pathlib import Path
 
-from pipeline.store.dtypes import _PRECISION, HIDDEN_DTYPES, INT7, LOGPROB_DTYPES, topk_ids_dtype
+from pipeline.store.dtypes import (
+    _PRECISION,
+    HIDDEN_DTYPES,
+    LOGPROB_DTYPES,
+    aux_dtype_for,
+    check_hidden_dtype,
+    topk_ids_dtype,
+)
 from pipeline.store.errors import StoreError
 from pipeline.store.format import FORMAT_VERSION, SampleMeta, TargetPieces, projection_of
 from pipeline.store.inspect import inspect_store
@@ -51,9 +58,7 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     fp = json.loads(json.dumps(reader.fingerprint))
     old_hidden, old_lp = fp["dtypes"]["hidden"], fp["dtypes"]["topk_logprobs"]
     hidden_dtype, logprob_dtype = hidden_dtype or old_hidden, logprob_dtype or old_lp
-    if hidden_dtype not in HIDDEN_DTYPES or hidden_dtype == INT7:
-        raise StoreError(f"hidden dtype {hidden_dtype!r}: choose one of "
-                         f"{', '.join(d for d in HIDDEN_DTYPES if d != INT7)}")  # fmt: skip
+    check_hidden_dtype(hidden_dtype, "hidden dtype")
     if logprob_dtype not in LOGPROB_DTYPES:
         raise StoreError(f"log-prob dtype {logprob_dtype!r}: choose one of {', '.join(LOGPROB_DTYPES)}")
     _check_lower(src, "hidden states", old_hidden, hidden_dtype)
@@ -67,9 +72,9 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     projection = _projection(reader, Path(dst), fp, aux_projection, calibration_tokens)
     if "hidden_aux" in reader.fields:
         old_aux = reader.fields["hidden_aux"][1]
-        if aux_dtype == "auto":
-            aux_dtype = INT7 if projection_of(fp, "hidden_aux") else hidden_dtype
-        aux_dtype = aux_dtype or (old_aux if old_aux != old_hidden else hidden_dtype)
+        # None: the source's own aux dtype, where it had one; else the hidden dtype
+        aux_dtype = aux_dtype_for(aux_dtype or (old_aux if old_aux != old_hidden else None),
+                                  bool(projection_of(fp, "hidden_aux")), hidden_dtype)
         if aux_dtype not in HIDDEN_DTYPES:
             raise StoreError(f"aux dtype {aux_dtype!r}: choose auto or one of {', '.join(HIDDEN_DTYPES)}")
         _check_lower(src, "EAGLE-3 features", old_aux, aux_dtype)

@@ -47,12 +47,30 @@ def topk_ids_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "int32"
 
 
+def _row_scale(t: torch.Tensor, top: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t in fp32, max|row| / top)``, the scale 1 for all-zero rows."""
+    x = t.detach().float()
+    amax = x.abs().amax(-1)
+    return x, torch.where(amax > 0, amax / top, torch.ones_like(amax))
+
+
+def aux_dtype_for(aux_dtype: str | None, projected: bool, hidden_dtype: str) -> str:
+    """``hidden_aux``'s stored dtype: "auto" is int7 when projected, else the hidden dtype (None: the hidden dtype)."""
+    if aux_dtype == "auto":
+        return INT7 if projected else hidden_dtype
+    return aux_dtype or hidden_dtype
+
+
+def check_hidden_dtype(name: str, flag: str, error: type[Exception] = StoreError) -> None:
+    """``hidden_last`` (and a whole ``hidden_aux`` by default) takes every hidden dtype but int7."""
+    if name not in HIDDEN_DTYPES or name == INT7:
+        raise error(f"{flag} {name!r}: choose one of {', '.join(d for d in HIDDEN_DTYPES if d != INT7)}")
+
+
 def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row float8_e4m3fn: ``(q, scale)`` with ``t ~= q.float() * scale[..., None]`` and
     ``scale = max|row| / 448`` in fp32 (1 for all-zero rows). A row holding NaN/inf gets a non-finite scale."""
-    x = t.detach().float()
-    amax = x.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    x, scale = _row_scale(t, FP8_MAX)
     q = (x / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, scale
 
@@ -60,9 +78,7 @@ def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_int7(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row int7: ``(zigzag codes uint8, scale)`` with ``t ~= code_value * scale[..., None]``, ``scale = max|row|
     / 63`` in fp32 (1 for all-zero rows). A non-finite value gets code 127, which holds no value (quarantined)."""
-    x = t.detach().float()
-    amax = x.abs().amax(-1)
-    scale = torch.where(amax > 0, amax / INT7_MAX, torch.ones_like(amax))
+    x, scale = _row_scale(t, INT7_MAX)
     q = torch.round(x / scale[..., None]).clamp(-INT7_MAX, INT7_MAX)
     code = torch.where(q >= 0, 2 * q, -2 * q - 1)
     return torch.where(torch.isfinite(code), code, 2 * INT7_MAX + 1).to(torch.uint8), scale
