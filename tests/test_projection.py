@@ -60,7 +60,7 @@ def test_projection_does_not_depend_on_the_thread_count():
 
 def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_path, one_thread):
     """Default extraction = compact store with hidden_aux = P·x (k = 2H, int7 rows); the stored rows are P·x of the whole
-    extraction's x; a head trained on it exports fc = fc'·P whose logits on the whole features equal the trained
+    extraction's x; a head trained on it (fc in the whole basis, read as fc·Pᵀ) exports fc·PᵀP whose logits on the whole features equal the trained
     head's on the projected ones; inspect shows k and the kept energy."""
     whole = tmp_path / "whole"
     extract(tiny_llama_dir, whole, **WHOLE)
@@ -91,7 +91,7 @@ def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_pat
                       ttt_steps=2, tokens_per_batch=256, lr=3e-3, progress=False)  # fmt: skip
     train(cfg)
     model, _ = variants.load_run(cfg.out)
-    assert model.fc.weight.shape == (h, k) and torch.equal(model.aux_projection, p)
+    assert model.fc.weight.shape == (h, 3 * h) and torch.equal(model.aux_projection, p)
     out = export_draft(model, None, tmp_path / "head", "vllm")
     from safetensors.torch import load_file
 

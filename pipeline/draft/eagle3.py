@@ -70,7 +70,7 @@ class Eagle3Config(DraftShape):
     aux_layer_ids: list[int] = field(default_factory=list)  # HF output_hidden_states indices, from the store
     draft_vocab_size: int = 32000
     target_hidden_size: int = 0  # hidden size of each aux feature (0: = hidden_size)
-    aux_projection_dim: int = 0  # k of a projected store (fc reads P·x, k values; export folds P in); 0: none
+    aux_projection_dim: int = 0  # k of a projected store (its rows are y = P·x; fc reads them as fc·Pᵀ); 0: none
     hidden_act: str = "silu"
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -198,8 +198,11 @@ class Eagle3Draft(nn.Module):
         self.config = c
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
         self.embed_tokens.weight.requires_grad_(False)
-        self.fc = nn.Linear(c.aux_projection_dim or c.fused_width, c.hidden_size, bias=False)
-        # The store's fixed projection P [k, A*H] (orthonormal rows): saved with the weights, folded into fc at export.
+        # fc keeps the whole features' basis [H, A*H] even over a projected store, whose rows y = P·x it reads as
+        # (fc·Pᵀ)·y: the same initial weights and the same Adam coordinates as a head trained on the whole features
+        # (an fc' [H, k] over y trains in P's principal axes, where Adam's per-coordinate steps differ; README
+        # "Compact store"). P [k, A*H] (orthonormal rows) is the store's; saved with the weights, folded in at export.
+        self.fc = nn.Linear(c.fused_width, c.hidden_size, bias=False)
         self.register_buffer("aux_projection", torch.zeros(c.aux_projection_dim, c.fused_width)
                              if c.aux_projection_dim else None)  # fmt: skip
         self.midlayer = DecoderLayer(
@@ -218,6 +221,14 @@ class Eagle3Draft(nn.Module):
         self.register_buffer("target_lm_head", None, persistent=False)
 
     # ---- weights / vocab -----------------------------------------------------------------------------------
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Heads saved before fc kept the whole basis hold fc' [H, k] over y = P·x: fc'·P reads y the same way.
+        fc, p = state_dict.get(prefix + "fc.weight"), state_dict.get(prefix + "aux_projection")
+        if fc is not None and p is not None and fc.shape[-1] == p.shape[0] != self.fc.weight.shape[-1]:
+            state_dict[prefix + "fc.weight"] = (fc.double() @ p.double()).to(fc.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
 
     def set_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
@@ -273,19 +284,24 @@ class Eagle3Draft(nn.Module):
     def fuse(self, aux: torch.Tensor) -> torch.Tensor:
         """``fc`` over the concatenated aux features ``[B, N, A*H]`` -> ``[B, N, H]`` (step-0 hidden input); a head
         trained on a projected store takes them projected (``[B, N, k]``, as stored) or whole (projected here)."""
-        if self.aux_projection is not None and aux.shape[-1] != self.aux_projection.shape[0]:
-            aux = aux.to(self.aux_projection.dtype) @ self.aux_projection.T
-        return self.fc(aux.to(self.fc.weight.dtype))
+        weight, p = self.fc.weight, self.aux_projection
+        if p is None:
+            return self.fc(aux.to(weight.dtype))
+        p = p.to(weight.dtype)
+        if aux.shape[-1] != p.shape[0]:
+            aux = aux.to(weight.dtype) @ p.T
+        return nn.functional.linear(aux.to(weight.dtype), weight @ p.T)
 
     def unprojected(self) -> Eagle3Draft:
-        """The same head over the whole aux features: ``fc = fc'·P`` (``[H, A*H]``), what the engines load. A head
+        """The same head over the whole aux features: ``fc·PᵀP`` (``[H, A*H]``), what the engines load. A head
         without a projection is returned as it is."""
         if self.aux_projection is None:
             return self
         dtype = self.fc.weight.dtype
         out = type(self)(dataclasses.replace(self.config, aux_projection_dim=0)).to(dtype)
         state = {k: v for k, v in self.state_dict().items() if k != "aux_projection"}
-        state["fc.weight"] = (self.fc.weight.detach().double() @ self.aux_projection.double()).to(dtype)
+        p = self.aux_projection.double()
+        state["fc.weight"] = (self.fc.weight.detach().double() @ p.T @ p).to(dtype)
         out.load_state_dict(state, strict=True)
         if self.target_lm_head is not None:
             out.target_lm_head = self.target_lm_head
