@@ -463,6 +463,8 @@ QUALITY_LAYOUTS = {
     "fp8/zstd + fp16, whole": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16"),
     "P k=H/2 + fp8 + zstd + fp16": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16",
                                         aux_projection="H/2"),
+    "P k=2H, fp32 aux (the projection alone)": dict(hidden_dtype=st.FP8, aux_dtype="float32", codec="zstd",
+                                                    logprob_dtype="float16", aux_projection="2H"),
 }
 
 

@@ -112,6 +112,32 @@ def test_shapes_frozen_and_state_dict(target, packed):
     assert all(p.grad is not None for p in model.trainable_parameters())
 
 
+def test_projected_head_trains_in_the_whole_features_basis(target):
+    """Over a projected store (rows y = P·x) fc stays [H, 3H] and reads y as fc·Pᵀ: the same initial weights and the
+    same gradients as a head given Pᵀy whole, so Adam steps in the same coordinates; a head saved with fc' [H, k]
+    (before this layout) loads as fc'·P and reads y unchanged."""
+    tc, _ = target
+    k = 2 * H
+    p = torch.linalg.qr(torch.randn(3 * H, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[0]
+    p = p.T.float().contiguous()  # [k, 3H], orthonormal rows
+    heads = []
+    for dim in (0, k):
+        torch.manual_seed(0)
+        heads.append(Eagle3Draft(Eagle3Config.from_target(tc, AUX, VD, aux_projection_dim=dim)))
+    whole, projected = heads
+    projected.aux_projection.copy_(p)
+    assert projected.fc.weight.shape == (H, 3 * H) and torch.equal(projected.fc.weight, whole.fc.weight)
+    y = torch.randn(1, 10, k, generator=torch.Generator().manual_seed(2))
+    for head, x in ((whole, y @ p), (projected, y)):
+        head.fuse(x).square().sum().backward()
+    assert torch.allclose(projected.fc.weight.grad, whole.fc.weight.grad, atol=1e-5)
+    assert torch.allclose(projected.unprojected().fuse(y @ p), projected.fuse(y), atol=1e-5)
+
+    old = {**projected.state_dict(), "fc.weight": torch.randn(H, k)}
+    projected.load_state_dict(old)
+    assert torch.allclose(projected.fuse(y), y @ old["fc.weight"].T, atol=1e-4)
+
+
 # ---- masks ---------------------------------------------------------------------------------------------------
 
 
