@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
+
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 from pipeline import store as st  # noqa: E402
@@ -38,11 +40,12 @@ CONFIGS = [
 ]
 
 
-def held_out(cfg: TrainConfig, run: Path, reader: st.StoreReader) -> dict:
-    """The run's final weights on ``reader``'s held-out samples: per-step acceptance and simulated τ."""
+def held_out(cfg: TrainConfig, run: Path, reader: st.StoreReader, every: bool = False) -> dict:
+    """The run's final weights on ``reader``'s held-out samples (``every``: all of them, a store of records the run
+    never saw): per-step acceptance and simulated τ."""
     model, _ = variants.load_run(run, "final")
     _, objective, _ = variants.build(cfg, reader)
-    _, val_idx = split_samples(reader, cfg.val_fraction, cfg.seed)
+    val_idx = np.arange(len(reader)) if every else split_samples(reader, cfg.val_fraction, cfg.seed)[1]
     batches = _val_batches(reader, val_idx, variants.required_fields(cfg), cfg, 0, 1)
     shim = SimpleNamespace(module=model, to_device=lambda b: b, all_mean=lambda means, weights: means)
     return _evaluate(cfg, shim, batches, objective)

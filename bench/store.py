@@ -20,7 +20,8 @@ extraction uses: the same bytes as extracting with those flags), then:
     the layout is the only difference; each run's final weights are evaluated on the held-out samples of its own
     store and of the bf16 store (the whole features a serving engine hands the head; a projected head projects
     them itself): simulated τ and first-position acceptance, each against the bf16 run of the same seed and steps.
-    Finished runs are reused (``--work``), so an interrupted run resumes.
+    Finished runs are reused (``--work``), so an interrupted run resumes. ``--heldout``: also on every sample of a
+    store of records no run saw (the 10% split holds ~10 samples, too few to resolve 1% differences).
 (g) (with b) the EAGLE-3 row as k = H, 2H, 3H projected values in fp8, int7, int4: error read back vs bytes; (h) (with b) bytes/token and totals at users' scale
     (Llama-3.1-8B and Qwen3-8B shapes, ShareGPT-68k and UltraChat-200k) predicted from (b)'s compact store;
 (i) the check of (h): a real extraction (default layout) through a random-weight Llama of Llama-3.1-8B's
@@ -468,7 +469,8 @@ QUALITY_LAYOUTS = {
 }
 
 
-def quality(src: Path, work: Path, steps_list: list[int], seeds: list[int], layouts: list[str]) -> None:
+def quality(src: Path, work: Path, steps_list: list[int], seeds: list[int], layouts: list[str],
+            heldout: Path | None = None) -> None:
     import json
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -486,9 +488,14 @@ def quality(src: Path, work: Path, steps_list: list[int], seeds: list[int], layo
         if not (paths[label] / "store.arrow").exists() or st.inspect_store(paths[label])["complete"] is False:
             st.reencode_store(src, paths[label], **kw)
     base = st.StoreReader(paths[layouts[0]])
+    unseen = st.StoreReader(heldout) if heldout else None
     print("\n(f) EAGLE-3 held-out quality per layout (demo settings; global shuffle for all; final weights)")
+    if unseen is not None:
+        print(f"    unseen: every sample of {heldout} ({len(unseen)} samples, {int(unseen.lengths.sum()):,} tokens, "
+              "records the runs never saw)")
     print(f"    {'layout':<46} {'steps':>5} {'seed':>4} {'B/token':>8}   own store: τ / acc_0   "
-          "bf16 held-out: τ (vs bf16 run) / acc_0 (vs bf16 run)   train loss (last 20)")
+          "bf16 held-out: τ (vs bf16 run) / acc_0 (vs bf16 run)   train loss (last 20)"
+          + ("   unseen: τ (vs bf16 run) / acc_0 (vs bf16 run)" if unseen is not None else ""))
     results: dict = {}
     for steps in steps_list:
         for seed in seeds:
@@ -505,10 +512,16 @@ def quality(src: Path, work: Path, steps_list: list[int], seeds: list[int], layo
                 losses = [r["loss"] for r in rows if r.get("kind") == "train" and "loss" in r][-20:]
                 results[(steps, seed, label)] = whole
                 ref = results[(steps, seed, layouts[0])]
+                extra = ""
+                if unseen is not None:
+                    results[(steps, seed, label, "unseen")] = far = held_out(cfg, Path(cfg.out), unseen, every=True)
+                    ref_far = results[(steps, seed, layouts[0], "unseen")]
+                    extra = (f"   {far['tau']:.4f} ({far['tau'] / ref_far['tau'] - 1:+.2%}) / {far['cond_acc_0']:.4f} "
+                             f"({far['cond_acc_0'] / ref_far['cond_acc_0'] - 1:+.2%})")
                 bpt = st.inspect_store(paths[label])["bytes_per_token_total"]
                 print(f"    {label:<46} {steps:>5} {seed:>4} {bpt:8,.0f}   {own['tau']:.4f} / {own['cond_acc_0']:.4f}   "
                       f"{whole['tau']:.4f} ({whole['tau'] / ref['tau'] - 1:+.2%}) / {whole['cond_acc_0']:.4f} "
-                      f"({whole['cond_acc_0'] / ref['cond_acc_0'] - 1:+.2%})   {sum(losses) / max(len(losses), 1):.3f}",
+                      f"({whole['cond_acc_0'] / ref['cond_acc_0'] - 1:+.2%})   {sum(losses) / max(len(losses), 1):.3f}{extra}",
                       flush=True)  # fmt: skip
 
 
@@ -611,6 +624,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="0", help="(f): seeds, comma-separated")
     ap.add_argument("--layouts", default=",".join(map(str, range(len(QUALITY_LAYOUTS)))),
                     help="(f): indices into QUALITY_LAYOUTS (0, the baseline, first)")
+    ap.add_argument("--heldout", type=Path, default=None,
+                    help="(f): a whole-feature store of other records (extract --offset past --feats' records); "
+                         "every run is also evaluated on all of its samples")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-store-"))
@@ -631,7 +647,7 @@ def main() -> None:
     if "f" in sections:
         layouts = [list(QUALITY_LAYOUTS)[int(i)] for i in args.layouts.split(",")]
         quality(src, work, [int(x) for x in args.quality_steps.split(",")], [int(x) for x in args.seeds.split(",")],
-                layouts)  # fmt: skip
+                layouts, args.heldout)  # fmt: skip
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
