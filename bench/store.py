@@ -10,7 +10,7 @@ extraction uses: the same bytes as extracting with those flags), then:
 (c) reads: samples/s of sequential `StoreReader.sample` calls, the same through the previous per-sample Zarr
     reads (compressed stores), and tokens/s of the training loader (pack + collate to fp32, `--shuffle auto`:
     global for uncompressed, window for compressed), each against bf16/none;
-(d) training tokens/s of EAGLE-1 steps fed from each store through the prefetching loader, against bf16/none;
+(d) training tokens/s of EAGLE-1 and EAGLE-3 steps fed from each store through the prefetching loader, against bf16/none;
 (e) writes: tokens/s and MB/s of the store writer (cast/quantize + chunk compression + commit) with the write
     pool and inline, the disk's sequential write bandwidth, and the extraction/forward ratio this implies for
     the H100 run in the README;
@@ -378,10 +378,12 @@ def loader_tokens_per_s(root: Path, fields: tuple[str, ...], tpb: int) -> tuple[
     return tokens / (time.perf_counter() - t), mode, decodes
 
 
-def train_tokens_per_s(root: Path, steps: int, tpb: int, device) -> tuple[float, float]:
-    """(tokens/s, share of the step time spent waiting for the loader) over ``steps`` EAGLE-1 steps."""
+def train_tokens_per_s(root: Path, steps: int, tpb: int, device, variant: str = "eagle1") -> tuple[float, float]:
+    """(tokens/s, share of the step time spent waiting for the loader) over ``steps`` steps (EAGLE-3: the demo's
+    4,096-token draft vocabulary and 1 TTT step)."""
     reader = st.StoreReader(root)
-    cfg = TrainConfig(feats=str(root), out="", variant="eagle1", tokens_per_batch=tpb)
+    cfg = TrainConfig(feats=str(root), out="", variant=variant, tokens_per_batch=tpb, draft_vocab_size=4096,
+                      ttt_steps=1)  # fmt: skip
     torch.manual_seed(0)
     model, objective, _ = variants.build(cfg, reader)
     engine = Engine(model, cfg.engine_config(steps + 1), device)
@@ -569,17 +571,21 @@ def layout_sections(args, src: Path, work: Path, sections: set[str]) -> None:
     if "d" in sections:
         if args.steps:
             _, _, device = setup_distributed()
-            print(f"\n(d) EAGLE-1 training from each store, {args.steps} steps of {args.tokens_per_batch} tokens, best of "
-                  f"{args.rounds} interleaved rounds   tokens/s   ratio")  # (CPU: compute-bound; the wait is the loader)
-            rates: dict[str, tuple[float, float]] = {}
-            for _ in range(args.rounds):
-                for name in order:
-                    rate, wait = train_tokens_per_s(stores[name], args.steps, args.tokens_per_batch, device)
-                    if rate > rates.get(name, (0.0, 0.0))[0]:
-                        rates[name] = (rate, wait)
-            for name in order:
-                rate, wait = rates[name]
-                print(f"    {name:<52} {rate:9.1f}   {rate / rates['bf16/none'][0]:.2f}   loader wait {wait:.2%} of the time")
+            for variant in args.train_variants.split(","):
+                print(f"\n(d) {variant} training from each store, {args.steps} steps of {args.tokens_per_batch} tokens, "
+                      f"best of {args.rounds} interleaved rounds   tokens/s   ratio")  # (CPU: compute-bound)
+                rates: dict[str, tuple[float, float]] = {}
+                for _ in range(args.rounds):
+                    for name in order:
+                        if variant == "eagle1" and "hidden_last" not in st.StoreReader(stores[name]).fields:
+                            continue
+                        rate, wait = train_tokens_per_s(stores[name], args.steps, args.tokens_per_batch, device,
+                                                        variant)  # fmt: skip
+                        if rate > rates.get(name, (0.0, 0.0))[0]:
+                            rates[name] = (rate, wait)
+                for name, (rate, wait) in rates.items():
+                    print(f"    {name:<52} {rate:9.1f}   {rate / rates['bf16/none'][0]:.2f}   loader wait {wait:.2%} "
+                          "of the time")
 
     if "e" in sections:
         print(f"\n(e) writes (store writer: checks + compression + chunk writes + commit, from bf16 / device-quantized fp8 "
@@ -613,6 +619,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3, help="timed EAGLE-1 steps per store in (d); 0 skips (d)")
     ap.add_argument("--tokens-per-batch", type=int, default=512)
+    ap.add_argument("--train-variants", default="eagle1,eagle3", help="(d): heads whose training steps are timed")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of (c)-(e); each setting's best counts")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--sections", default="a,b,c,d,e,f")

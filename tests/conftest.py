@@ -134,7 +134,7 @@ def tiny_whole_store(tmp_path_factory, tiny_llama_dir) -> Path:
 def smollm2_store(tmp_path_factory, smollm2_dir) -> Path:
     """A small store of real ShareGPT records through the real SmolLM2 (slow tests share it): EAGLE-3's features
     in the extraction's default encoding (projected, P fit at extraction), so every head trained from it (served
-    by vLLM, loaded by speculators, exported, evaluated) is a projected head with ``fc = fc'·P`` folded at export.
+    by vLLM, loaded by speculators, exported, evaluated) is a projected head with ``fc·PᵀP`` folded at export.
     Two settings are pinned for the 30-step thresholds: ``codec="none"`` (uncompressed: the global shuffle) and
     bf16 ``hidden_last``. With 24 samples, EAGLE-1's last-step training accuracy is one batch's and moves with
     the batch order and with fp8 rounding (0.13 here; 0.07 with the window shuffle, 0.08 with fp8 rows)."""

@@ -1,5 +1,5 @@
-"""EAGLE-3's projected store (formats 3-4): P from a calibration slice, y = P·x stored, fc' over k inputs in training,
-fc = fc'·P at export; the same P for every worker, resume and conversion; older layouts still readable."""
+"""EAGLE-3's projected store (formats 3-4): P from a calibration slice, y = P·x stored, read as fc·Pᵀ in training,
+fc·PᵀP at export; the same P for every worker, resume and conversion; older layouts still readable."""
 
 from __future__ import annotations
 

@@ -194,7 +194,7 @@ def test_real_smollm2_eagle1_and_eagle3_from_one_store(smollm2_runs, smollm2_sto
     record1 = json.loads((smollm2_runs["eagle1"][0] / "config.json").read_text())
     record3 = json.loads((smollm2_runs["eagle3"][0] / "config.json").read_text())
     assert record1["store_fingerprint_digest"] == record3["store_fingerprint_digest"]  # one extraction, two heads
-    # EAGLE-3 trained on the projected store; the speculators package's loader of its export (fc = fc'·P folded,
+    # EAGLE-3 trained on the projected store; the speculators package's loader of its export (fc·PᵀP folded,
     # whole features in) gives the head's logits on the store's projected rows, step by step
     model, _ = load_run(smollm2_runs["eagle3"][0])
     reader = st.StoreReader(smollm2_store)

@@ -93,7 +93,7 @@ def heads(smollm2_runs, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("live-heads")
     heads = {v: export_run(run, root / v, "vllm", "final", torch.float32)[0] for v, (run, _) in smollm2_runs.items()}
-    # EAGLE-3 trained on the projected store (fc' reads k = P's rows) and served folded: fc = fc'·P reads 3H values
+    # EAGLE-3 trained on the projected store (k = P's rows read as fc·Pᵀ) and served folded: fc·PᵀP reads 3H values
     trained = json.loads((smollm2_runs["eagle3"][0] / "final" / "draft.json").read_text())["draft"]["config"]
     with safe_open(str(heads["eagle3"] / "model.safetensors"), "pt") as f:
         served = f.get_slice("fc.weight").get_shape()

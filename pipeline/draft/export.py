@@ -173,7 +173,7 @@ def export_draft(model: nn.Module, config: Any | None, out_dir: str | Path,
     config = config or model.config
     head = head_of(model)
     served = head.servable(model)
-    if served is not model:  # e.g. fc' over a projected store folded into fc = fc'·P
+    if served is not model:  # e.g. a projected store's P folded into fc: fc·PᵀP
         model, config = served, served.config
     if fmt not in head.export_formats:
         raise ValueError(f"{head.name} heads export as {' or '.join(head.export_formats)}, not --format {fmt}")

@@ -36,7 +36,7 @@ def compare_logits(ours: Eagle3Draft, theirs: Any, row: dict[str, torch.Tensor],
     inside it."""
     whole = row["hidden_aux"].float()
     if ours.aux_projection is not None and whole.shape[-1] == ours.aux_projection.shape[0]:
-        # a projected store's rows y = P·x: theirs (fc = fc'·P) reads Pᵀy, and fc'·P·Pᵀy = fc'·y (orthonormal rows)
+        # a projected store's rows y = P·x: theirs (fc·PᵀP) reads Pᵀy, and fc·PᵀP·Pᵀy = fc·Pᵀy (orthonormal rows)
         whole = whole @ ours.aux_projection.float()
     logits: list[torch.Tensor] = []
     hook = theirs.lm_head.register_forward_hook(lambda _m, _i, out: logits.append(out.detach().float()))

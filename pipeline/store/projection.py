@@ -2,8 +2,8 @@
 
 EAGLE-3 reads its ``A`` aux layers only through ``fc`` (``A*H -> H``, linear, no bias), so storing ``y = P·x``
 with ``P`` of shape ``[k, A*H]`` and orthonormal rows changes what a head can learn only by the directions ``P``
-drops: the head trains ``fc'`` (``k -> H``) on ``y`` and export writes ``fc = fc'·P``, the ``[H, A*H]`` matrix
-every serving engine loads. ``P`` is the top-``k`` eigenvectors of the uncentered second moment ``Σ x xᵀ`` of a
+drops: the head reads ``y`` as ``(fc·Pᵀ)·y`` and export writes ``fc·PᵀP``, the ``[H, A*H]`` matrix every
+serving engine loads. ``P`` is the top-``k`` eigenvectors of the uncentered second moment ``Σ x xᵀ`` of a
 calibration slice (the extraction's first batches), estimated once per store: it is published in the store
 (``projection.safetensors``) by the first worker, under the store lock, and every other worker, a resumed run and
 a repair load that file, so every shard is written with the same bits. Its sha256, ``k``, the calibration size
