@@ -229,7 +229,6 @@ class Eagle3Draft(nn.Module):
             state_dict[prefix + "fc.weight"] = (fc.double() @ p.double()).to(fc.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-
     def set_vocab(self, d2t: torch.Tensor, t2d: torch.Tensor) -> None:
         if d2t.shape != self.d2t.shape or t2d.shape != self.t2d.shape:
             raise ValueError(f"vocab maps of shape {tuple(d2t.shape)}/{tuple(t2d.shape)}, expected "
