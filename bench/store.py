@@ -499,6 +499,7 @@ def quality(src: Path, work: Path, steps_list: list[int], seeds: list[int], layo
           "bf16 held-out: τ (vs bf16 run) / acc_0 (vs bf16 run)   train loss (last 20)"
           + ("   unseen: τ (vs bf16 run) / acc_0 (vs bf16 run)" if unseen is not None else ""))
     results: dict = {}
+    unseen_results: dict = {}
     for steps in steps_list:
         for seed in seeds:
             for label in layouts:
@@ -516,8 +517,8 @@ def quality(src: Path, work: Path, steps_list: list[int], seeds: list[int], layo
                 ref = results[(steps, seed, layouts[0])]
                 extra = ""
                 if unseen is not None:
-                    results[(steps, seed, label, "unseen")] = far = held_out(cfg, Path(cfg.out), unseen, every=True)
-                    ref_far = results[(steps, seed, layouts[0], "unseen")]
+                    unseen_results[(steps, seed, label)] = far = held_out(cfg, Path(cfg.out), unseen, every=True)
+                    ref_far = unseen_results[(steps, seed, layouts[0])]
                     extra = (f"   {far['tau']:.4f} ({far['tau'] / ref_far['tau'] - 1:+.2%}) / {far['cond_acc_0']:.4f} "
                              f"({far['cond_acc_0'] / ref_far['cond_acc_0'] - 1:+.2%})")
                 bpt = st.inspect_store(paths[label])["bytes_per_token_total"]
@@ -577,8 +578,6 @@ def layout_sections(args, src: Path, work: Path, sections: set[str]) -> None:
                 rates: dict[str, tuple[float, float]] = {}
                 for _ in range(args.rounds):
                     for name in order:
-                        if variant == "eagle1" and "hidden_last" not in st.StoreReader(stores[name]).fields:
-                            continue
                         rate, wait = train_tokens_per_s(stores[name], args.steps, args.tokens_per_batch, device,
                                                         variant)  # fmt: skip
                         if rate > rates.get(name, (0.0, 0.0))[0]:

@@ -60,8 +60,8 @@ def test_projection_does_not_depend_on_the_thread_count():
 
 def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_path, one_thread):
     """Default extraction = compact store with hidden_aux = P·x (k = 2H, int7 rows); the stored rows are P·x of the whole
-    extraction's x; a head trained on it (fc in the whole basis, read as fc·Pᵀ) exports fc·PᵀP whose logits on the whole features equal the trained
-    head's on the projected ones; inspect shows k and the kept energy."""
+    extraction's x; a head trained on it (fc in the whole basis, read as fc·Pᵀ) exports fc·PᵀP whose logits on the
+    whole features equal the trained head's on the projected ones; inspect shows k and the kept energy."""
     whole = tmp_path / "whole"
     extract(tiny_llama_dir, whole, **WHOLE)
     exact = tmp_path / "exact"  # projected, fp32: the projection alone
