@@ -22,7 +22,7 @@ extraction uses: the same bytes as extracting with those flags), then:
     them itself): simulated τ and first-position acceptance, each against the bf16 run of the same seed and steps.
     Finished runs are reused (``--work``), so an interrupted run resumes. ``--heldout``: also on every sample of a
     store of records no run saw (the 10% split holds ~10 samples, too few to resolve 1% differences).
-(g) (with b) the EAGLE-3 row as k = H, 2H, 3H projected values in fp8, int7, int4: error read back vs bytes; (h) (with b) bytes/token and totals at users' scale
+(g) (with b) the EAGLE-3 row as k = H, 2H, 3H projected values in fp8, int7, q19 of y/s, int4: error read back vs bytes; (h) (with b) bytes/token and totals at users' scale
     (Llama-3.1-8B and Qwen3-8B shapes, ShareGPT-68k and UltraChat-200k) predicted from (b)'s compact store;
 (i) the check of (h): a real extraction (default layout) through a random-weight Llama of Llama-3.1-8B's
     per-token shape with --check-layers layers, bytes/token per array against (h)'s prediction.
@@ -98,7 +98,7 @@ def _pack_bits(q: np.ndarray, bits: int) -> bytes:
 def fewer_bits(reader: st.StoreReader) -> None:
     """(g): the EAGLE-3 row x (A*H values) stored as k projected values under each coding: relative error of the
     row the head gets back (``Pᵀ·decoded``: projection and rounding together) and bytes/token of the coded values +
-    their scales, compressed in 256-row blocks as the store's chunks are (zstd; int7 codes bit-shuffled, as codec
+    their scales, compressed in 256-row blocks as the store's chunks are (zstd; int7/q19 codes bit-shuffled, as codec
     auto stores them). P from the first 16,384 tokens, as extraction estimates it."""
     from numcodecs import Blosc
 
@@ -117,11 +117,13 @@ def fewer_bits(reader: st.StoreReader) -> None:
     for k in (h, 2 * h, 3 * h):
         p, _ = st.principal_projection(gram.gram, k)
         y = st.project(x, p)
-        codings = {"fp8 per row": st.quantize_fp8, "int7 per row": st.quantize_int7}
-        for label, quantize in codings.items():
-            q, scale = quantize(y)
-            logical = st.FP8 if quantize is st.quantize_fp8 else st.INT7
-            back = st.dequantize(q.view(torch.uint8).numpy(), scale.numpy(), logical) @ p
+        cal = y[: st.DEFAULT_CALIBRATION_TOKENS]
+        s = st.component_scale(cal.double().square().sum(0), len(cal))  # format 5: the stored rows are y / s
+        codings = {"fp8 per row": (st.FP8, 1), "int7 per row": (st.INT7, 1), "q19 per row of y/s (stored)": (st.Q19, s)}
+        for label, (logical, div) in codings.items():
+            rows = st.ScaledRows.quantize(y / div, logical)
+            q, scale = rows.q, rows.scale
+            back = (st.dequantize(q.view(torch.uint8).numpy(), scale.numpy(), logical) * div) @ p
             err = ((back - x).norm(dim=-1) / x.norm(dim=-1)).mean()
             codec = Zstd(3) if logical == st.FP8 else Blosc("zstd", 3, Blosc.BITSHUFFLE)
             size = stored_bytes(q.view(torch.uint8).numpy(), codec) + 4
@@ -453,14 +455,14 @@ def disk_write_mb_s(work: Path, mb: int = 256) -> float:
     return mb / wall
 
 
-COMPACT = "P k=2H + int7 aux, fp8 last, codec auto, fp16 log-probs (default)"
+COMPACT = "P k=2H, y/s as q19, fp8 last, codec auto, fp16 log-probs (default)"
 REENCODE_ARGS = ("hidden_dtype", "aux_dtype", "codec", "logprob_dtype", "aux_projection")  # extraction's defaults
 # (f): label -> reencode_store arguments ("H", "2H", "H/2": k from the hidden size); the first is the baseline
 QUALITY_LAYOUTS = {
     "bf16/none (format-2 default)": dict(hidden_dtype="bfloat16", codec="none", logprob_dtype="float32"),
-    "compact: P k=2H + int7 + auto codec + fp16 (default)": dict(hidden_dtype=st.FP8, aux_dtype=st.INT7,
-                                                                 codec="auto", logprob_dtype="float16",
-                                                                 aux_projection="2H"),
+    "compact: P k=2H, y/s as q19, auto codec, fp16 (default)": dict(hidden_dtype=st.FP8, aux_dtype=st.Q19,
+                                                                    codec="auto", logprob_dtype="float16",
+                                                                    aux_projection="2H"),
     "P k=H + fp8 + zstd + fp16 (format-3 default)": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16",
                                                          aux_projection="H"),
     "fp8/zstd + fp16, whole": dict(hidden_dtype=st.FP8, codec="zstd", logprob_dtype="float16"),

@@ -16,6 +16,12 @@ from pipeline.options import AUX_CHOICES, CODEC_CHOICES, DTYPE_NAMES, HIDDEN_CHO
 from pipeline.train.trainer import TrainConfig
 
 
+def _scaled(record: dict) -> str:
+    """How a projected field's rows are stored: divided by the component scale (format 5) or not."""
+    scale = record.get("component_scale")
+    return f" / s (s = rms^{scale['rms_power']:g} per component)" if scale else ""
+
+
 def _projection(value: str) -> int | str | None:
     """``--aux-projection``: auto, none or a positive k."""
     if value in ("auto", "none"):
@@ -130,8 +136,8 @@ def main() -> None:
 @click.option("--hidden-dtype", type=click.Choice(HIDDEN_CHOICES), default=short_dtype(EXTRACT["hidden_dtype"]), show_default=True,
               help="Storage dtype of the hidden states; fp8 = float8 e4m3 with one fp32 scale per token row.")
 @click.option("--aux-dtype", type=click.Choice(AUX_CHOICES), default=EXTRACT["aux_dtype"], show_default=True,
-              help="Storage dtype of EAGLE-3's features: auto = int7 (7-bit codes, one fp32 scale per row) when "
-              "projected, else --hidden-dtype.")  # fmt: skip
+              help="Storage dtype of EAGLE-3's features: auto = q19 (codes -9..9 of the components divided by their "
+              "scale, one fp32 scale per row) when projected, else --hidden-dtype; int7 = codes -63..63.")  # fmt: skip
 @click.option("--logprob-dtype", type=click.Choice(["fp32", "fp16"]), default=short_dtype(EXTRACT["logprob_dtype"]), show_default=True,
               help="Storage dtype of the top-k log-probabilities.")
 @click.option("--aux-projection", default=EXTRACT["aux_projection"], show_default=True,
@@ -144,7 +150,7 @@ def main() -> None:
 @click.option("--shard-size", type=int, default=EXTRACT["shard_size"], show_default=True, help="Source records per shard.")
 @click.option("--chunk-tokens", type=int, default=EXTRACT["chunk_tokens"], show_default=True, help="Zarr chunk length (tokens).")
 @click.option("--codec", type=click.Choice(CODEC_CHOICES), default=EXTRACT["codec"], show_default=True,
-              help="auto: bit-shuffled zstd (blosc) for int7 and fp16 arrays, zstd for the others.")
+              help="auto: bit-shuffled zstd (blosc) for int7/q19 and fp16 arrays, zstd for the others.")
 @click.option("--io-workers", type=int, default=EXTRACT["io_workers"], help="Threads compressing/writing chunks (default min(8, CPUs)).")
 @click.option("--batch-tokens", type=int, default=EXTRACT["batch_tokens"],
               help="Padded tokens per forward (default: 8192 for hf, 65536 for vllm).")  # fmt: skip
@@ -221,7 +227,7 @@ def format_extract_summary(s: dict) -> str:
         f"{s['tokens_per_s']} tokens/s",
     ]
     for name, p in s.get("projection", {}).items():
-        lines.insert(-2, f"projection       {name} = P·x, k={p['k']} of {p['input_width']}, kept energy {p['energy']:.2%} "
+        lines.insert(-2, f"projection       {name} = P·x{_scaled(p)}, k={p['k']} of {p['input_width']}, kept energy {p['energy']:.2%} "
                          f"of {p['calibration']['rows']:,} calibration tokens")  # fmt: skip
     for r in s["shards"].get("repaired", []):
         lines.append(f"repaired         shard {r['shard']} ({r['problem']}); the damaged copy is {r['set_aside']}")
@@ -282,7 +288,7 @@ def inspect(store: Path, as_json: bool, samples: tuple[int, ...]) -> None:
                + (f" (aux {info['aux_dtype']})" if info["aux_dtype"] not in (None, fp["dtypes"]["hidden"]) else "")
                + f"  top-k={fp['top_k']}  max_length={fp['max_length']}")  # fmt: skip
     for name, p in info["projection"].items():
-        click.echo(f"projection   {name} = P·x, k={p['k']} of {p['input_width']} ({p['method']}, kept energy "
+        click.echo(f"projection   {name} = P·x{_scaled(p)}, k={p['k']} of {p['input_width']} ({p['method']}, kept energy "
                    f"{p['energy']:.2%} of {p['calibration']['rows']:,} calibration tokens)")  # fmt: skip
     click.echo(f"data         {fp['data']['path']}  ({fp['data']['format']}/{fp['data']['kind']}, "
                f"selection {fp['data']['selection']})")  # fmt: skip
@@ -322,7 +328,8 @@ def inspect(store: Path, as_json: bool, samples: tuple[int, ...]) -> None:
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="New store directory.")
 @click.option("--hidden-dtype", type=click.Choice(HIDDEN_CHOICES), default=None, help="Default: the source's.")
 @click.option("--aux-dtype", type=click.Choice(AUX_CHOICES), default=None,
-              help="EAGLE-3 features' dtype (auto: int7 when projected). Default: the source's.")  # fmt: skip
+              help="EAGLE-3 features' dtype (auto: q19 when projected, int7 for a format 3-4 projection). Default: "
+              "the source's.")  # fmt: skip
 @click.option("--logprob-dtype", type=click.Choice(["fp32", "fp16"]), default=None, help="Default: the source's.")
 @click.option("--codec", type=click.Choice(CODEC_CHOICES), default=None, help="Default: the source's.")
 @click.option("--aux-projection", default="keep", show_default=True,
@@ -330,7 +337,7 @@ def inspect(store: Path, as_json: bool, samples: tuple[int, ...]) -> None:
 @click.option("--calibration-tokens", type=int, default=EXTRACT["calibration_tokens"], show_default=True,
               help="Tokens of the first samples that estimate a new projection.")
 @click.option("--compact", is_flag=True,
-              help="The layout `pipeline extract` writes by default (projection auto, int7 EAGLE-3 and fp8 EAGLE-1 "
+              help="The layout `pipeline extract` writes by default (projection auto, q19 EAGLE-3 and fp8 EAGLE-1 "
               "features, codec auto, fp16 log-probs); "
               "flags given as well win.")  # fmt: skip
 @click.option("--no-progress", is_flag=True)

@@ -6,9 +6,10 @@ import dataclasses
 from typing import Any
 
 # Short dtype names on the command line -> torch names in the configs.
-DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "float8_e4m3fn", "int7": "int7"}
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8": "float8_e4m3fn", "int7": "int7",
+               "q19": "q19"}
 HIDDEN_CHOICES = ["bf16", "fp16", "fp32", "fp8"]  # hidden_last (and whole hidden_aux) dtypes
-AUX_CHOICES = ["auto", *HIDDEN_CHOICES, "int7"]
+AUX_CHOICES = ["auto", *HIDDEN_CHOICES, "int7", "q19"]
 CODEC_CHOICES = ["auto", "none", "zstd", "blosc"]
 
 

@@ -59,8 +59,8 @@ def test_projection_does_not_depend_on_the_thread_count():
 
 
 def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_path, one_thread):
-    """Default extraction = compact store with hidden_aux = P·x (k = 2H, int7 rows); the stored rows are P·x of the whole
-    extraction's x; a head trained on it (fc in the whole basis, read as fc·Pᵀ) exports fc·PᵀP whose logits on the
+    """Default extraction = compact store with hidden_aux = P·x (k = 2H) divided by the component scale s (rms^0.5 of
+    each component over the calibration tokens), q19 rows; the rows read back are P·x of the whole extraction's x; a head trained on it (fc in the whole basis, read as fc·Pᵀ) exports fc·PᵀP whose logits on the
     whole features equal the trained head's on the projected ones; inspect shows k and the kept energy."""
     whole = tmp_path / "whole"
     extract(tiny_llama_dir, whole, **WHOLE)
@@ -72,19 +72,26 @@ def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_pat
     for root in (exact, compact):
         r = st.StoreReader(root)
         rec = r.fingerprint["projection"]["hidden_aux"]
-        assert r.format_version == 4 and rec["k"] == k and rec["input_width"] == 3 * h
+        assert r.format_version == 5 and rec["k"] == k and rec["input_width"] == 3 * h
+        assert rec["component_scale"]["rms_power"] == 0.5 and r.component_scale().shape == (k,)
         assert r.fields["hidden_aux"][0] == (k,) and (root / st.PROJECTION_FILE).exists()
     assert st.StoreReader(compact).fingerprint["dtypes"]["hidden"] == st.FP8
-    assert st.StoreReader(compact).fingerprint["dtypes"]["hidden_aux"] == st.INT7
+    assert st.StoreReader(compact).fingerprint["dtypes"]["hidden_aux"] == st.Q19
     assert st.StoreReader(compact).fingerprint["sharding"]["codec"] == "auto"
     w, e = st.StoreReader(whole), st.StoreReader(exact)
     p = e.projection()
-    assert torch.equal(p, st.StoreReader(compact).projection())  # the same calibration slice, the same P
+    c = st.StoreReader(compact)
+    assert torch.equal(p, c.projection()) and torch.equal(e.component_scale(), c.component_scale())  # one slice
+    ys = []
     for i in range(len(w)):
         x, y = w.sample(i)["hidden_aux"], e.sample(i)["hidden_aux"]
         assert torch.allclose(st.project(x, p), y, atol=1e-4, rtol=1e-4)
-        q = st.StoreReader(compact).sample(i)["hidden_aux"]  # int7: half a step of its row's scale at most
-        assert ((q - y).abs() <= y.abs().amax(-1, keepdim=True) / 126 + 1e-3).all()
+        q = c.sample(i)["hidden_aux"]  # q19 of y/s: half a step of the scaled row's scale at most, times s
+        s = c.component_scale()
+        assert ((q - y).abs() <= (y / s).abs().amax(-1, keepdim=True) / 18 * s + 1e-3).all()
+        ys.append(y)
+    rms = torch.cat(ys).double().square().mean(0).sqrt()  # every token is a calibration token here
+    assert torch.allclose(e.component_scale().double(), rms.sqrt(), rtol=1e-3)
     assert st.inspect_store(compact)["bytes_per_token_total"] < st.inspect_store(whole)["bytes_per_token_total"] / 4
 
     cfg = TrainConfig(feats=str(exact), out=str(tmp_path / "run"), variant="eagle3", max_steps=3, draft_vocab_size=512,
@@ -117,7 +124,7 @@ def test_projected_store_trains_and_exports_the_whole_fc(tiny_llama_dir, tmp_pat
 
     res = CliRunner().invoke(cli, ["inspect", str(compact)])
     assert res.exit_code == 0 and f"k={k} of {3 * h}" in res.output and "kept energy" in res.output
-    assert "(aux int7)" in res.output
+    assert "(aux q19)" in res.output and "/ s (s = rms^0.5 per component)" in res.output
 
 
 def test_one_projection_for_every_worker_resume_and_conversion(tiny_llama_dir, tmp_path, one_thread):
@@ -149,17 +156,20 @@ def test_one_projection_for_every_worker_resume_and_conversion(tiny_llama_dir, t
     assert res.exit_code == 0, res.output
     conv = st.StoreReader(tmp_path / "conv")
     assert conv.fingerprint["projection"]["hidden_aux"]["k"] == 128 and conv.fingerprint["dtypes"]["hidden"] == st.FP8
-    assert conv.fingerprint["dtypes"]["hidden_aux"] == st.INT7 and conv.fingerprint["sharding"]["codec"] == "auto"
+    assert conv.fingerprint["dtypes"]["hidden_aux"] == st.Q19 and conv.fingerprint["sharding"]["codec"] == "auto"
     # estimated from the stored fp32 values of the same calibration slice: P equal up to rounding
     assert torch.allclose(conv.projection().abs(), p.abs(), atol=1e-3)
     res = runner.invoke(cli, ["convert", str(root), "--out", str(tmp_path / "back"), "--aux-projection", "none"])
     assert res.exit_code == 2 and "re-extract" in res.output
-    fmt3 = tmp_path / "format-3-layout"  # k = H, fp8: --compact keeps its P and re-encodes the rows as int7
+    fmt3 = tmp_path / "format-3-layout"  # k = H, fp8: --compact keeps its P and s and re-encodes the rows as q19
     extract(tiny_llama_dir, fmt3, aux_projection=64, aux_dtype=st.FP8, codec="zstd")
     res = runner.invoke(cli, ["convert", str(fmt3), "--out", str(tmp_path / "fmt3-compact"), "--compact", "--no-progress"])
-    again = st.StoreReader(tmp_path / "fmt3-compact")
-    assert res.exit_code == 0 and again.fields["hidden_aux"] == ((64,), st.INT7), res.output
-    assert torch.equal(again.projection(), st.StoreReader(fmt3).projection())
+    again, src = st.StoreReader(tmp_path / "fmt3-compact"), st.StoreReader(fmt3)
+    assert res.exit_code == 0 and again.fields["hidden_aux"] == ((64,), st.Q19), res.output
+    assert torch.equal(again.projection(), src.projection()) and torch.equal(again.component_scale(), src.component_scale())
+    y, q = src.sample(0)["hidden_aux"], again.sample(0)["hidden_aux"]  # stored / s once, read back * s once
+    assert ((q - y).abs() <= (y / src.component_scale()).abs().amax(-1, keepdim=True) / 18 * src.component_scale()
+            + 1e-3).all()
 
 
 def test_the_calibration_forward_is_the_extractions_own(tiny_llama_dir, tmp_path, one_thread):
@@ -199,6 +209,39 @@ def test_format_2_store_reads_and_extracting_into_it_names_convert(tiny_llama_di
     with pytest.raises(st.StoreError, match=f"pipeline convert {old} --out NEW"):
         extract(tiny_llama_dir, old, hidden_dtype="bfloat16", logprob_dtype="float32", codec="none",
                 aux_projection=None)  # fmt: skip
+
+
+def test_format_4_store_reads_and_converts_without_a_component_scale(tiny_llama_dir, tmp_path, monkeypatch,
+                                                                      one_thread):  # fmt: skip
+    """A format-4 projected store (int7 rows of P·x, no component scale: what that code wrote) reads its rows as
+    stored and trains; `convert --compact` keeps its P and int7; q19 without a component scale is refused."""
+    import pipeline.extract.runner as runner_mod
+    import pipeline.store.writer as writer_mod
+
+    def format_4(*args, **kw):  # the format-4 estimate: P and its record, no s
+        p, _, record = st.fit_projection(*args, **kw)
+        return p, None, st.describe_projection(p, record["energy"], record["calibration"])
+
+    old = tmp_path / "v4"
+    with monkeypatch.context() as m:
+        m.setattr(runner_mod, "FORMAT_VERSION", 4)
+        m.setattr(writer_mod, "FORMAT_VERSION", 4)
+        m.setattr(runner_mod, "fit_projection", format_4)
+        extract(tiny_llama_dir, old, aux_dtype=st.INT7)
+    r = st.StoreReader(old)
+    assert r.format_version == 4 and r.fields["hidden_aux"] == ((128,), st.INT7) and r.component_scale() is None
+    y = r.sample(0)["hidden_aux"]
+    assert y.abs().amax() > 10 * r.read(0, ("hidden_aux",))["hidden_aux_scale"].min()  # values, not codes
+    cfg = TrainConfig(feats=str(old), out=str(tmp_path / "run"), variant="eagle3", max_steps=2, draft_vocab_size=512,
+                      ttt_steps=1, tokens_per_batch=256, progress=False)  # fmt: skip
+    train(cfg)
+    runner = CliRunner()
+    res = runner.invoke(cli, ["convert", str(old), "--out", str(tmp_path / "c"), "--compact", "--no-progress"])
+    conv = st.StoreReader(tmp_path / "c")
+    assert res.exit_code == 0 and conv.format_version == 5 and conv.fields["hidden_aux"] == ((128,), st.INT7)
+    assert conv.component_scale() is None and torch.equal(conv.sample(0)["hidden_aux"], y)
+    res = runner.invoke(cli, ["convert", str(old), "--out", str(tmp_path / "q"), "--aux-dtype", "q19", "--no-progress"])
+    assert res.exit_code != 0 and "component scale" in res.output
 
 
 def _chunk_checksums(root: Path) -> dict:

@@ -445,29 +445,32 @@ def test_fp8_nonfinite_rows_are_quarantined(tmp_path):
     assert [q["field"] for q in sw.commit()["quarantined"]] == ["hidden_last"]
 
 
-def test_int7_aux_rows_round_trip_with_bit_shuffled_codes(tmp_path):
-    """Format 4: hidden_aux in its own dtype (int7: zigzag codes of round(x / scale), scale = max|row| / 63, one fp32
-    scale per row), hidden_last fp8; codec auto stores the codes bit-shuffled (blosc) and the ids with zstd; a
-    non-finite aux row is quarantined, never stored as codes."""
+@pytest.mark.parametrize("aux", ["int7", "q19"])
+def test_integer_aux_rows_round_trip_with_bit_shuffled_codes(tmp_path, aux):
+    """Format 4-5: hidden_aux in its own dtype (int7 / q19: zigzag codes of round(x / scale), scale = max|row| / 63
+    (/ 9), one fp32 scale per row), hidden_last fp8; codec auto stores the codes bit-shuffled (blosc) and the ids with
+    zstd; a non-finite aux row is quarantined, never stored as codes."""
+    top = st.CODE_MAX[aux]
     fp = fingerprint(st.FP8, "auto", chunk=16)
-    fp["dtypes"].update(hidden_aux=st.INT7, topk_ids="uint16", topk_logprobs="float16")
+    fp["dtypes"].update(hidden_aux=aux, topk_ids="uint16", topk_logprobs="float16")
     _, written = write_store(tmp_path / "s", fp, [[5, 30, 1, 17], [40]])
     r = st.StoreReader(tmp_path / "s")
-    assert r.fields["hidden_aux"][1] == st.INT7 and r.fields["hidden_last"][1] == st.FP8
+    assert r.fields["hidden_aux"][1] == aux and r.fields["hidden_last"][1] == st.FP8
     for i in range(len(r)):
         x, got = written[int(r.sample_ids[i])]["hidden_aux"], r.sample(i)["hidden_aux"]
-        scale = x.abs().amax(-1, keepdim=True) / 63
+        scale = x.abs().amax(-1, keepdim=True) / top
         assert torch.allclose(got, torch.round(x / scale) * scale, rtol=1e-6, atol=0)
         assert ((got - x).abs() <= scale / 2 + 1e-6).all()
     codes = r.read(0, ("hidden_aux",))["hidden_aux"]
-    assert codes.dtype == np.uint8 and codes.max() <= 126
-    assert torch.equal(st.dequantize(np.array([[0, 1, 2, 125, 126]], np.uint8), np.ones(1, np.float32), st.INT7),
-                       torch.tensor([[0.0, -1, 1, -63, 63]]))  # fmt: skip
+    assert codes.dtype == np.uint8 and codes.max() <= 2 * top
+    got = st.dequantize(np.array([[0, 1, 2, 2 * top - 1, 2 * top, 2 * top + 1]], np.uint8), np.ones(1, np.float32), aux)
+    assert torch.equal(got[:, :5], torch.tensor([[0.0, -1, 1, -top, top]])) and got[0, 5].isnan()
     codecs = {n: [c["name"] for c in r.shards[0].arrays[n]["codecs"]] for n in ("hidden_aux", "topk_ids", "hidden_last")}
     assert codecs == {"hidden_aux": ["bytes", "blosc"], "topk_ids": ["bytes", "zstd"], "hidden_last": ["bytes", "zstd"]}
-    assert st.verify_store(tmp_path / "s") == [] and st.inspect_store(tmp_path / "s")["aux_dtype"] == st.INT7
+    assert st.verify_store(tmp_path / "s") == [] and st.inspect_store(tmp_path / "s")["aux_dtype"] == aux
 
-    q, s = st.quantize_int7(torch.tensor([[0.0, 0.0], [1.0, float("nan")], [-2.0, float("inf")]]))
+    rows = st.ScaledRows.quantize(torch.tensor([[0.0, 0.0], [1.0, float("nan")], [-2.0, float("inf")]]), aux)
+    q, s = rows.q, rows.scale
     assert q.tolist() == [[0, 0], [2, 127], [0, 127]] and s[0] == 1
     w = st.StoreWriter(tmp_path / "t", fp, {"records": 4, "shards": 1, "shard_size": 4}, target())
     sw = w.begin_shard(0, (0, 4), expected_tokens=10)

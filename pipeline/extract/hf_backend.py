@@ -24,7 +24,7 @@ class HFBackend:
     """Runs an HF causal LM and returns, per sample, the tensors the store keeps."""
 
     name = "hf"
-    quantizes_rows = True  # forward(hidden_dtype / aux_dtype = "float8_e4m3fn" / "int7"): ScaledRows, on the device
+    quantizes_rows = True  # forward(hidden_dtype / aux_dtype = "float8_e4m3fn" / "int7" / "q19"): ScaledRows, on the device
     projects_aux = True  # forward(aux_projection=P) returns hidden_aux as P·x [L, k], projected on the device
 
     def __init__(self, model_dir: Path, device: str = "auto", compute_dtype: str = "auto"):
@@ -60,11 +60,11 @@ class HFBackend:
                 aux_dtype: torch.dtype | str | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
         """Right-padded batch forward; returns per sample {hidden_last [L,H], hidden_aux [L,A,H], topk_*} on the
         CPU, hidden states already in ``hidden_dtype`` (``aux_dtype`` for ``hidden_aux``, default the same), cast on
-        the device: half the transfer for bf16; fp8 and int7 (given by name) as :class:`~pipeline.store.ScaledRows`
+        the device: half the transfer for bf16; fp8, int7 and q19 (given by name) as :class:`~pipeline.store.ScaledRows`
         quantized per row on the device, a quarter of fp32. ``names``
         label the samples in errors (the vLLM backend's interface; a local forward has nothing to add).
-        ``aux_projection`` (P [k, A*H] on the device): ``hidden_aux`` is ``P·x`` [L, k], projected in fp32 before
-        the cast, so only k values per token cross to the host."""
+        ``aux_projection`` (P [k, A*H] on the device, rows divided by the component scale in format 5):
+        ``hidden_aux`` is ``P·x`` [L, k], projected in fp32 before the cast, so only k values per token cross to the host."""
         lengths = [len(x) for x in batch]
         width = max(lengths)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)

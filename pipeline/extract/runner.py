@@ -48,6 +48,7 @@ from pipeline.store.projection import (
     DEFAULT_CALIBRATION_TOKENS,
     PROJECTION_FILE,
     auto_projection_k,
+    encoder,
     fit_projection,
     project,
     read_projection_file,
@@ -74,11 +75,11 @@ class ExtractConfig:
     ids_file: str | None = None
     max_length: int = 2048
     top_k: int = 32
-    # The defaults are the compact store (storage_layout.md, format 4): EAGLE-3 features projected to k = 2H and
-    # stored as int7 rows, EAGLE-1's as fp8 rows, per-array codecs, fp16 log-probabilities. The format-2 layout:
+    # The defaults are the compact store (storage_layout.md, format 5): EAGLE-3 features projected to k = 2H, divided
+    # by their component scale and stored as q19 rows, EAGLE-1's as fp8 rows, per-array codecs, fp16 log-probabilities. The format-2 layout:
     # bfloat16, float32, aux_projection None, codec "none".
     hidden_dtype: str = "float8_e4m3fn"  # bfloat16 | float16 | float32 | float8_e4m3fn
-    aux_dtype: str = "auto"  # hidden_aux's dtype: "auto" = int7 when projected, else hidden_dtype
+    aux_dtype: str = "auto"  # hidden_aux's dtype: "auto" = q19 when projected, else hidden_dtype
     logprob_dtype: str = "float16"  # float32 | float16 (top-k log-probabilities)
     stored_for: str = "both"  # eagle1 | eagle3 | both
     aux_projection: int | str | None = "auto"  # k: hidden_aux stored as P·x (P [k, A*H]); "auto": k = 2H; None: whole
@@ -443,7 +444,7 @@ def _run(cfg: ExtractConfig, t0: float, model_dir: Path, source: data_mod.DataSo
 
 def _transfer_dtypes(cfg: ExtractConfig, backend) -> dict:
     """What the backend hands over, as ``forward`` keyword arguments: the storage dtype, cast on the device. fp8 and
-    int7 are quantized per row from the values in the target's compute dtype (no second rounding): on the device
+    int7/q19 are quantized per row from the values in the target's compute dtype (no second rounding): on the device
     by backends that can (HF: ``quantizes_rows``; the aux rows after their projection), else by the store writer
     from the compute dtype. Backends without ``aux_dtype`` hand both fields over in one dtype."""
     import torch
@@ -530,8 +531,9 @@ def loss_share_warnings(totals: Counter, odd: list[str]) -> list[str]:
 
 def _aux_projection(cfg: ExtractConfig, backend, source: data_mod.DataSource, ids: set[str] | None, aux: list[int],
                     batch_tokens: int, thinking: str | None, n_shards: int, want_last: bool, transfer: dict):  # fmt: skip
-    """(P on the backend's device, its fingerprint record, the calibration's outputs by shard): the store's
-    published P, else estimated from the calibration slice and published. Under the store lock, so that every
+    """(the matrix that encodes a row, ``P`` with rows divided by ``s``, on the backend's device; the fingerprint
+    record; the calibration's outputs by shard): the store's published P and s, else estimated from the calibration
+    slice and published. Under the store lock, so that every
     worker of the store (any rank, a resumed or repairing run) writes with the same P; an unreadable file is set
     aside and estimated again (a P that then differs from the one the committed shards were written with is
     refused by the fingerprint check)."""
@@ -547,26 +549,26 @@ def _aux_projection(cfg: ExtractConfig, backend, source: data_mod.DataSource, id
         p = None
         if path.exists():
             try:
-                p, record = read_projection_file(root)
+                p, record, scale = read_projection_file(root)
             except ValueError as e:
                 dest = root / f".corrupt-{PROJECTION_FILE}-{int(time.time())}-{os.getpid()}"
                 os.rename(path, dest)
                 tqdm.write(f"{e}; set aside as {dest.name}, estimating it again")
         if p is None:
-            p, record, held = _calibrate(cfg, backend, source, ids, aux, batch_tokens, thinking, n_shards, want_last,
-                                         transfer)  # fmt: skip
-            save_projection(root, p, record)
+            p, scale, record, held = _calibrate(cfg, backend, source, ids, aux, batch_tokens, thinking, n_shards,
+                                                want_last, transfer)  # fmt: skip
+            save_projection(root, p, record, scale=scale)
     if record["k"] != cfg.aux_projection or record["calibration"]["tokens"] != cfg.calibration_tokens:
         raise StoreError(f"{path}: this store's projection has k={record['k']} from "
                          f"{record['calibration']['tokens']} calibration tokens; this run asks --aux-projection "
                          f"{cfg.aux_projection} --calibration-tokens {cfg.calibration_tokens} (a store has one "
                          "projection: extract into a new --out)")  # fmt: skip
-    return p.to(getattr(backend, "device", "cpu"), torch.float32), record, held
+    return encoder(p, scale).to(getattr(backend, "device", "cpu"), torch.float32), record, held
 
 
 def _calibrate(cfg: ExtractConfig, backend, source: data_mod.DataSource, ids: set[str] | None, aux: list[int],
                batch_tokens: int, thinking: str | None, n_shards: int, want_last: bool, transfer: dict):  # fmt: skip
-    """P (top-k principal directions of the uncentered fused aux features) from the first ``cfg.calibration_tokens``
+    """P (top-k principal directions of the uncentered fused aux features) and s from the first ``cfg.calibration_tokens``
     tokens of the extraction's own forward order (shard 0's length buckets, then shard 1's, ...): a function of the
     selection, not of ranks. The batches it ran are returned by shard and batch number, aux unprojected, so that the
     shard's extraction writes them instead of running them again: on one worker the calibration costs no forward."""
@@ -587,9 +589,9 @@ def _calibrate(cfg: ExtractConfig, backend, source: data_mod.DataSource, ids: se
                 yield from (out["hidden_aux"] for out in outs)
 
     width = len(aux) * int(backend.config["hidden_size"])
-    p, record = fit_projection(features(), width, cfg.aux_projection, cfg.calibration_tokens,
-                               getattr(backend, "device", "cpu"))
-    return p, record, held
+    p, scale, record = fit_projection(features(), width, cfg.aux_projection, cfg.calibration_tokens,
+                                      getattr(backend, "device", "cpu"))
+    return p, scale, record, held
 
 
 def _flagged_by_verify(root: Path) -> set[int]:

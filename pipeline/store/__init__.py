@@ -12,6 +12,7 @@ from pipeline.store.convert import (  # noqa: F401
     reencode_store,
 )
 from pipeline.store.dtypes import (  # noqa: F401
+    CODE_MAX,
     CODECS,
     FP8,
     FP8_MAX,
@@ -19,6 +20,7 @@ from pipeline.store.dtypes import (  # noqa: F401
     INT7,
     INT7_MAX,
     LOGPROB_DTYPES,
+    Q19,
     SCALE_SUFFIX,
     SCALED,
     ScaledRows,
@@ -29,6 +31,7 @@ from pipeline.store.dtypes import (  # noqa: F401
     from_storage,
     quantize_fp8,
     quantize_int7,
+    quantize_q19,
     storage_dtype,
     to_storage,
     topk_ids_dtype,
@@ -105,7 +108,9 @@ from pipeline.store.projection import (  # noqa: F401
     PROJECTION_FILE,
     GramAccumulator,
     auto_projection_k,
+    component_scale,
     describe_projection,
+    encoder,
     fit_projection,
     load_projection,
     principal_projection,

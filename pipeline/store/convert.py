@@ -6,12 +6,17 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from pipeline.store.dtypes import (
     _PRECISION,
     HIDDEN_DTYPES,
+    INT7,
     LOGPROB_DTYPES,
+    Q19,
     aux_dtype_for,
     check_hidden_dtype,
     topk_ids_dtype,
@@ -23,6 +28,7 @@ from pipeline.store.projection import (
     DEFAULT_CALIBRATION_TOKENS,
     PROJECTION_FILE,
     auto_projection_k,
+    encoder,
     fit_projection,
     project,
     read_projection_file,
@@ -45,7 +51,8 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     computed (stored in its compute dtype or wider). Precision only goes down (fp32 -> bf16/fp16 -> fp8);
     re-running resumes (committed shards are kept). Returns ``inspect_store(dst)``.
 
-    ``aux_dtype``: ``hidden_aux``'s dtype (None: the source's; ``"auto"``: int7 when the result is projected, else
+    ``aux_dtype``: ``hidden_aux``'s dtype (None: the source's; ``"auto"``: q19 when the result is projected with a
+    component scale, int7 when projected without one (a format 3-4 source's projection is kept as it is), else
     ``hidden_dtype``). ``aux_projection``: ``"keep"`` (the source's: projected stays projected with its P),
     ``"auto"`` (k = 2H; a projected source keeps its k) or k
     (project a whole ``hidden_aux``; P is estimated from the stored features of the first ``calibration_tokens``
@@ -69,14 +76,21 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
                         topk_ids=topk_ids_dtype(int(fp["model"]["vocab_size"])))  # fmt: skip
     fp["sharding"]["codec"] = codec or fp["sharding"]["codec"]
     fp["projection"] = fp.get("projection") or {}
-    projection = _projection(reader, Path(dst), fp, aux_projection, calibration_tokens)
+    encode = _aux_encoding(reader, Path(dst), fp, aux_projection, calibration_tokens)
     if "hidden_aux" in reader.fields:
         old_aux = reader.fields["hidden_aux"][1]
+        record = projection_of(fp, "hidden_aux")
+        asked = aux_dtype
         # None: the source's own aux dtype, where it had one; else the hidden dtype
-        aux_dtype = aux_dtype_for(aux_dtype or (old_aux if old_aux != old_hidden else None),
-                                  bool(projection_of(fp, "hidden_aux")), hidden_dtype)
+        aux_dtype = aux_dtype_for(aux_dtype or (old_aux if old_aux != old_hidden else None), bool(record),
+                                  hidden_dtype)  # fmt: skip
         if aux_dtype not in HIDDEN_DTYPES:
             raise StoreError(f"aux dtype {aux_dtype!r}: choose auto or one of {', '.join(HIDDEN_DTYPES)}")
+        if aux_dtype == Q19 and "component_scale" not in (record or {}):
+            if asked != "auto":
+                raise StoreError(f"{src}: q19 codes need a projection with a component scale (format 5); this "
+                                 "store's has none: keep int7 or re-extract")  # fmt: skip
+            aux_dtype = INT7  # "auto" on a format 3-4 projection
         _check_lower(src, "EAGLE-3 features", old_aux, aux_dtype)
         fp["dtypes"]["hidden_aux"] = aux_dtype
     target = TargetPieces(reader.target_config(), reader.target_weights(), _CopyDir(reader.tokenizer_dir))
@@ -95,8 +109,8 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
                 meta = SampleMeta(int(s.index["sample_id"][j]), int(s.index["source_index"][j]),
                                   str(s.index["record_id"][j]), bool(s.index["truncated"][j]))  # fmt: skip
                 sample = reader.sample(i)
-                if projection is not None:
-                    sample["hidden_aux"] = project(sample["hidden_aux"], projection)
+                if encode is not None:
+                    sample["hidden_aux"] = encode(sample["hidden_aux"])
                 if not sw.append(meta, sample):
                     raise StoreError(f"{src}: sample {meta.sample_id} ({meta.record_id!r}) is not finite as "
                                      f"{hidden_dtype}")  # fmt: skip
@@ -111,47 +125,55 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
 
 
 def _check_lower(src, what: str, old: str, new: str) -> None:
-    """Precision only goes down (fp32 -> bf16/fp16 -> fp8 -> int7): anything else is not what an extraction wrote."""
+    """Precision only goes down (fp32 -> bf16/fp16 -> fp8 -> int7 -> q19): anything else is not what an extraction wrote."""
     if _PRECISION[new] > _PRECISION[old] or (new != old and _PRECISION[new] == _PRECISION[old]):
         raise StoreError(f"{src}: {what} are stored as {old}; re-encoding them as {new} would not give what an "
                          "extraction writes (re-extract instead)")
 
 
-def _projection(reader: StoreReader, dst: Path, fp: dict, k: int | str | None, calibration_tokens: int):
-    """P to apply to the source's ``hidden_aux`` (None: written as read), publishing it in ``dst`` and recording it
-    in ``fp`` (a resumed conversion finds it published)."""
+def _aux_encoding(reader: StoreReader, dst: Path, fp: dict, k: int | str | None,
+                  calibration_tokens: int) -> Callable[[torch.Tensor], torch.Tensor] | None:  # fmt: skip
+    """What turns the source's ``hidden_aux`` as read (``y``, or whole ``x``) into the rows ``dst`` stores (None: as
+    read), publishing P (and s) in ``dst`` and recording them in ``fp`` (a resumed conversion finds them published)."""
     source = projection_of(reader.fingerprint, "hidden_aux")
     if k == "keep" or "hidden_aux" not in reader.fields:
-        if source is not None:
-            _publish(dst, reader.projection("hidden_aux"), source)
-        return None
+        return _keep(reader, dst, source)
     if k == "auto":  # a projected source keeps its P (its whole features are gone); else k = 2H
         k = source["k"] if source is not None else auto_projection_k(int(fp["model"]["hidden_size"]),
                                                                      len(fp["layers"]["aux"]))  # fmt: skip
     if source is not None:
         if k == source["k"]:
-            _publish(dst, reader.projection("hidden_aux"), source)
-            return None
+            return _keep(reader, dst, source)
         raise StoreError(f"{reader.root}: hidden_aux is stored projected to k={source['k']}; it cannot be written "
                          f"{'whole' if k is None else f'with k={k}'} (re-extract instead)")  # fmt: skip
     if k is None:
         return None
     dst.mkdir(parents=True, exist_ok=True)
     if (dst / PROJECTION_FILE).exists():  # a resumed conversion: the P its committed shards were written with
-        p, record = read_projection_file(dst)
+        p, record, scale = read_projection_file(dst)
     else:
         # stored order (shards in order, each in its forward's length buckets): the order extraction calibrates in
         rows = (reader.sample(i, ("hidden_aux",))["hidden_aux"] for i in range(len(reader)))
-        p, record = fit_projection(rows, math.prod(reader.fields["hidden_aux"][0]), k, calibration_tokens)
-    _publish(dst, p, record)
+        p, scale, record = fit_projection(rows, math.prod(reader.fields["hidden_aux"][0]), k, calibration_tokens)
+    _publish(dst, p, record, scale)
     fp["projection"]["hidden_aux"] = record
-    return p
+    e = encoder(p, scale)
+    return lambda x: project(x, e)
 
 
-def _publish(dst: Path, p, record: dict) -> None:
+def _keep(reader: StoreReader, dst: Path, source: dict | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A projected source keeps its P and s: the reader multiplied its rows by s, the writer stores them divided."""
+    if source is None:
+        return None
+    scale = reader.component_scale("hidden_aux")
+    _publish(dst, reader.projection("hidden_aux"), source, scale)
+    return None if scale is None else (lambda y: y / scale)
+
+
+def _publish(dst: Path, p, record: dict, scale=None) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     if not (dst / PROJECTION_FILE).exists():
-        save_projection(dst, p, record)
+        save_projection(dst, p, record, scale=scale)
 
 
 class _CopyDir:

@@ -1,4 +1,4 @@
-"""Storage dtypes: logical dtype names, casts to and from the stored bits, scaled rows (fp8, int7), codecs."""
+"""Storage dtypes: logical dtype names, casts to and from the stored bits, scaled rows (fp8, int7, q19), codecs."""
 
 from __future__ import annotations
 
@@ -18,21 +18,26 @@ FP8 = "float8_e4m3fn"
 # zstd then stores them in about as many bits as their entropy (bench/store.py (g)).
 INT7 = "int7"
 INT7_MAX = 63
+# 19 levels (codes -9..9), stored the same way: format 5's default for a projected hidden_aux, whose components are
+# divided by their calibration scale first (projection.py), so that one row step suits every component
+Q19 = "q19"
+CODE_MAX = {INT7: INT7_MAX, Q19: 9}
 HIDDEN_DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "float16": (np.dtype(np.float16), torch.float16),
     "bfloat16": (np.dtype(np.uint16), torch.bfloat16),
     "float32": (np.dtype(np.float32), torch.float32),
     FP8: (np.dtype(np.uint8), torch.float8_e4m3fn),
     INT7: (np.dtype(np.uint8), torch.uint8),
+    Q19: (np.dtype(np.uint8), torch.uint8),
 }
-SCALED = (FP8, INT7)  # dtypes stored as one byte per value + an fp32 scale per row in "<field>_scale"
+SCALED = (FP8, INT7, Q19)  # dtypes stored as one byte per value + an fp32 scale per row in "<field>_scale"
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_SUFFIX = "_scale"  # scaled fields carry one fp32 scale per token row (per aux layer) in "<field>_scale"
 LOGPROB_DTYPES = ("float32", "float16")
 
 
 # "auto": per array, the codec that stored it smallest on SmolLM2 (bench/store.py (b)): bit-shuffled zstd (blosc)
-# for int7 codes and fp16 log-probs, zstd for the rest
+# for int7/q19 codes and fp16 log-probs, zstd for the rest
 CODECS = ("auto", "none", "zstd", "blosc")
 
 
@@ -55,16 +60,16 @@ def _row_scale(t: torch.Tensor, top: float) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def aux_dtype_for(aux_dtype: str | None, projected: bool, hidden_dtype: str) -> str:
-    """``hidden_aux``'s stored dtype: "auto" is int7 when projected, else the hidden dtype (None: the hidden dtype)."""
+    """``hidden_aux``'s stored dtype: "auto" is q19 when projected, else the hidden dtype (None: the hidden dtype)."""
     if aux_dtype == "auto":
-        return INT7 if projected else hidden_dtype
+        return Q19 if projected else hidden_dtype
     return aux_dtype or hidden_dtype
 
 
 def check_hidden_dtype(name: str, flag: str, error: type[Exception] = StoreError) -> None:
-    """``hidden_last`` (and a whole ``hidden_aux`` by default) takes every hidden dtype but int7."""
-    if name not in HIDDEN_DTYPES or name == INT7:
-        raise error(f"{flag} {name!r}: choose one of {', '.join(d for d in HIDDEN_DTYPES if d != INT7)}")
+    """``hidden_last`` (and a whole ``hidden_aux`` by default) takes every hidden dtype but the integer codes."""
+    if name not in HIDDEN_DTYPES or name in CODE_MAX:
+        raise error(f"{flag} {name!r}: choose one of {', '.join(d for d in HIDDEN_DTYPES if d not in CODE_MAX)}")
 
 
 def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,16 +80,22 @@ def quantize_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def quantize_int7(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int7(t: torch.Tensor, top: int = INT7_MAX) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row int7: ``(zigzag codes uint8, scale)`` with ``t ~= code_value * scale[..., None]``, ``scale = max|row|
-    / 63`` in fp32 (1 for all-zero rows). A non-finite value gets code 127, which holds no value (quarantined)."""
-    x, scale = _row_scale(t, INT7_MAX)
-    q = torch.round(x / scale[..., None]).clamp(-INT7_MAX, INT7_MAX)
+    / top`` in fp32 (1 for all-zero rows), codes in ``-top..top``. A non-finite value gets code 127, which holds no
+    value (quarantined)."""
+    x, scale = _row_scale(t, top)
+    q = torch.round(x / scale[..., None]).clamp(-top, top)
     code = torch.where(q >= 0, 2 * q, -2 * q - 1)
     return torch.where(torch.isfinite(code), code, 2 * INT7_MAX + 1).to(torch.uint8), scale
 
 
-QUANTIZERS = {FP8: quantize_fp8, INT7: quantize_int7}
+def quantize_q19(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row q19: int7's zigzag codes limited to ``-9..9`` (``scale = max|row| / 9``)."""
+    return quantize_int7(t, CODE_MAX[Q19])
+
+
+QUANTIZERS = {FP8: quantize_fp8, INT7: quantize_int7, Q19: quantize_q19}
 
 
 @dataclass
@@ -92,7 +103,7 @@ class ScaledRows:
     """Hidden rows already quantized (fp8 or int7, one scale per row) where they were computed (the GPU), so that
     one byte per value crosses to the host; ``ShardWriter.append`` takes them in place of a float tensor."""
 
-    q: torch.Tensor  # float8_e4m3fn or uint8 int7 codes [..., H]
+    q: torch.Tensor  # float8_e4m3fn or uint8 int7/q19 codes [..., H]
     scale: torch.Tensor  # fp32 [...]
 
     @classmethod
@@ -110,23 +121,23 @@ class ScaledRows:
         return ScaledRows(self.q.to(*args, **kwargs), self.scale.to(*args, **kwargs))
 
 
-# stored byte -> fp32 value: a 256-entry table gathers ~4x faster than torch's fp8 -> fp32 cast on the CPU. int7:
-# zigzag codes 0..126, NaN for the codes no value has (127 marks a non-finite row).
+# stored byte -> fp32 value: a 256-entry table gathers ~4x faster than torch's fp8 -> fp32 cast on the CPU. int7
+# (q19): zigzag codes 0..126 (0..18), NaN for the codes no value has (127 marks a non-finite row).
 _CODE = np.arange(256)
 _VALUES = {FP8: torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy(),
-           INT7: np.where(_CODE <= 2 * INT7_MAX, np.where(_CODE % 2 == 0, _CODE // 2, -(_CODE + 1) // 2),
-                          np.nan).astype(np.float32)}  # fmt: skip
+           **{name: np.where(_CODE <= 2 * top, np.where(_CODE % 2 == 0, _CODE // 2, -(_CODE + 1) // 2),
+                             np.nan).astype(np.float32) for name, top in CODE_MAX.items()}}  # fmt: skip
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, logical: str = FP8) -> torch.Tensor:
-    """Stored bytes (fp8 bits or int7 codes) and their row scales -> fp32 values (exactly ``value * scale``)."""
+    """Stored bytes (fp8 bits or int7/q19 codes) and their row scales -> fp32 values (exactly ``value * scale``)."""
     values = _VALUES[logical][q]  # a new array: the rows may be a read-only memmap or cached chunk
     np.multiply(values, np.asarray(scale)[..., None], out=values)
     return torch.from_numpy(values)
 
 
 def encode_field(name: str, t: torch.Tensor | ScaledRows, logical: str) -> dict[str, np.ndarray]:
-    """The stored arrays of one field of one sample: itself, plus ``<name>_scale`` for fp8 and int7."""
+    """The stored arrays of one field of one sample: itself, plus ``<name>_scale`` for the scaled dtypes."""
     if logical in SCALED:
         q, scale = (t.q.cpu(), t.scale.cpu()) if isinstance(t, ScaledRows) else QUANTIZERS[logical](t.cpu())
         return {name: q.view(torch.uint8).numpy(), name + SCALE_SUFFIX: scale.numpy()}
@@ -159,7 +170,7 @@ def _compressors(codec: str, itemsize: int, logical: str = "") -> Any:
     from zarr.codecs import BloscCodec, ZstdCodec
 
     if codec == "auto":
-        codec = "blosc" if logical in (INT7, "float16") else "zstd"
+        codec = "blosc" if logical in (*CODE_MAX, "float16") else "zstd"
     if codec == "none":
         return None
     if codec == "zstd":
@@ -175,9 +186,9 @@ def _finite(arr: np.ndarray, logical: str) -> bool:
         return not bool(((arr & 0x7F80) == 0x7F80).any())
     if logical == FP8:  # e4m3fn has no inf; NaN is S.1111.111 (its row scale is non-finite too)
         return not bool(((arr & 0x7F) == 0x7F).any())
-    if logical == INT7:  # codes past 126 hold no value (a non-finite row)
-        return not bool((arr > 2 * INT7_MAX).any())
+    if logical in CODE_MAX:  # codes past 126 (q19: 18) hold no value (a non-finite row)
+        return not bool((arr > 2 * CODE_MAX[logical]).any())
     return bool(np.isfinite(arr).all())
 
 
-_PRECISION = {"float32": 3, "float16": 2, "bfloat16": 2, FP8: 1, INT7: 0}
+_PRECISION = {"float32": 4, "float16": 3, "bfloat16": 3, FP8: 2, INT7: 1, Q19: 0}

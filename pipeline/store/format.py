@@ -18,10 +18,11 @@ import torch
 from pipeline.store.dtypes import SCALE_SUFFIX, SCALED
 from pipeline.store.errors import StoreError
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 # version 1: no fp8, int32 top-k ids, no target/commit.arrow; version 2: no projection; version 3: no int7 and no
-# dtypes.hidden_aux (hidden_aux in dtypes.hidden); everything else reads the same
-READABLE_FORMATS = (1, 2, 3, 4)
+# dtypes.hidden_aux (hidden_aux in dtypes.hidden); version 4: no q19 and no component scale; everything else reads
+# the same
+READABLE_FORMATS = (1, 2, 3, 4, 5)
 
 STORE_FILE = "store.arrow"
 VERIFY_FILE = "verify.arrow"
@@ -193,7 +194,7 @@ def projection_of(fp: dict, name: str) -> dict | None:
 
 
 def array_shapes(fp: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The Zarr arrays of a shard: one per field, plus an fp32 ``<field>_scale`` (rows x aux layers) per fp8/int7
+    """The Zarr arrays of a shard: one per field, plus an fp32 ``<field>_scale`` (rows x aux layers) per fp8/int7/q19
     field."""
     arrays = {}
     for name, (tail, logical) in field_shapes(fp).items():

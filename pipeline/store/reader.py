@@ -101,6 +101,7 @@ class StoreReader:
         self._cache: dict[str, OrderedDict[tuple[int, int], np.ndarray]] = {}
         self._cache_lock = threading.Lock()
         self.decoded_chunks = 0  # chunks decoded so far (the loader's benchmark reports it)
+        self._projections: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def _refuse_problems(self) -> None:
         if self.target_problems:
@@ -175,8 +176,9 @@ class StoreReader:
                          "is corrupt; run `pipeline verify` and re-run the same `pipeline extract` to redo it")  # fmt: skip
 
     def sample(self, i: int, fields: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-        """Sample ``i`` as torch tensors of the logical dtypes (one copy out of the memmaps); fp8/int7 fields come
-        back decoded to fp32 (stored value times its row scale)."""
+        """Sample ``i`` as torch tensors of the logical dtypes (one copy out of the memmaps); fp8/int7/q19 fields come
+        back decoded to fp32 (stored value times its row scale), a projected field with a component scale ``s``
+        (format 5) as ``y = stored · s``."""
         rows = self.read(i, fields)
         out = {}
         for name in fields or tuple(self.fields):
@@ -185,6 +187,9 @@ class StoreReader:
                 out[name] = dequantize(rows[name], rows[name + SCALE_SUFFIX], logical)
             else:
                 out[name] = from_storage(rows[name], logical)
+            scale = self.component_scale(name)
+            if scale is not None:
+                out[name] = out[name].float().mul_(scale)
         return out
 
     def _rows(self, k: int, name: str, start: int, stop: int) -> np.ndarray:
@@ -310,13 +315,22 @@ class StoreReader:
 
     def projection(self, name: str = "hidden_aux") -> torch.Tensor:
         """P [k, A*H] fp32 of a projected field (the field holds P·x), checked against the fingerprint's sha256."""
-        record = projection_of(self.fingerprint, name)
-        if record is None:
+        if projection_of(self.fingerprint, name) is None:
             raise StoreError(f"{self.root}: field {name!r} is stored whole (no projection)")
-        try:
-            return load_projection(self.root, record, name)
-        except ValueError as e:
-            raise StoreError(f"{e}; re-extract into a new --out") from e
+        return self._projection(name)[0]
+
+    def component_scale(self, name: str = "hidden_aux") -> torch.Tensor | None:
+        """``s`` [k] of a projected field stored as ``y / s`` (format 5), else None."""
+        record = projection_of(self.fingerprint, name)
+        return None if record is None or "component_scale" not in record else self._projection(name)[1]
+
+    def _projection(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if name not in self._projections:
+            try:
+                self._projections[name] = load_projection(self.root, projection_of(self.fingerprint, name), name)
+            except ValueError as e:
+                raise StoreError(f"{e}; re-extract into a new --out") from e
+        return self._projections[name]
 
     def token_counts(self) -> np.ndarray:
         counts = np.zeros(self.vocab_size, np.int64)
