@@ -1,4 +1,5 @@
-"""Codings of the projected EAGLE-3 rows beyond format 4's int7: a lead measured by simulation, not yet a format.
+"""Codings of the projected EAGLE-3 rows, simulated on the read path: how format 5's default (q19 of ``y / s``,
+alpha = 0.5, ±9) was chosen over format 4's int7, and what other (alpha, levels) would cost.
 
 Format 4 codes each projected row ``y = P·x`` (k = 2H values) with one step for the whole row (``max|y| / 63``). The
 principal components' RMS spans three orders of magnitude (SmolLM2: 1,657 for the first, 6.8 median, 1.4 last), so

@@ -172,6 +172,22 @@ def test_one_projection_for_every_worker_resume_and_conversion(tiny_llama_dir, t
             + 1e-3).all()
 
 
+def test_a_replaced_component_scale_is_refused_by_readers_and_verify(tiny_llama_dir, tmp_path, one_thread):
+    """s is part of what the rows mean: projection.safetensors with the same P but another s (a valid file) is
+    refused on read, naming the file and the component scale, and `verify` reports it."""
+    root = tmp_path / "s"
+    extract(tiny_llama_dir, root)
+    p, record, scale = st.read_projection_file(root)
+    (root / st.PROJECTION_FILE).unlink()
+    st.save_projection(root, p, {**record, "component_scale": {**record["component_scale"]}}, scale=scale * 2)
+    with pytest.raises(st.StoreError, match="projection.safetensors: the projection of hidden_aux does not match .*"
+                                            "component scale"):
+        st.StoreReader(root).sample(0)
+    assert st.StoreReader(root).sample(0, ("input_ids",))  # fields that do not need it still read
+    problems = st.verify_store(root)
+    assert any(st.PROJECTION_FILE in x and "component scale" in x for x in problems), problems
+
+
 def test_the_calibration_forward_is_the_extractions_own(tiny_llama_dir, tmp_path, one_thread):
     """P is estimated from the first batches of the extraction's forward order, and those batches are written from
     the calibration's outputs: every token goes through the target once, on one worker."""
