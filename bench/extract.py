@@ -122,7 +122,7 @@ def main() -> None:
     print(f"    (its forward passes alone          {tokens / ours['forward_s']:8.1f}; time outside them: "
           f"{1 - ours['forward_s'] / ours['loop_s']:.1%} of the loop)")
     both = compact["loop_s"] + compact["calibration_s"]  # the calibration's batches are written, not run again
-    print(f"    default (P k=2H, int7, fp8, auto)  {tokens / both:8.1f}   {bare_s / both:.2f}   (calibration "
+    print(f"    default (P k=2H, q19, fp8, auto)   {tokens / both:8.1f}   {bare_s / both:.2f}   (calibration "
           f"{compact['calibration_s']:.1f} s of it: the first {ExtractConfig.calibration_tokens:,} tokens' forward + "
           f"the eigendecomposition; whole run incl. loading {bare_s / compact['wall_s']:.2f})")
 

@@ -1,6 +1,6 @@
 """MT-bench τ of the demo's EAGLE-3 head trained from the compact default store against the bf16 (format-2) store.
 
-Issue 20's goal: the head trained from the default store (projection auto, int7 EAGLE-3 features, fp8 EAGLE-1
+Issue 20's goal: the head trained from the default store (projection auto, q19 EAGLE-3 features, fp8 EAGLE-1
 features, codec auto, fp16 log-probs) decodes MT-bench within noise of the head trained from the bf16 store.
 
 The demo's records are extracted once with whole fp32 features; both layouts are written from that store by

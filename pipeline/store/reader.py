@@ -146,7 +146,7 @@ class StoreReader:
         return self._shard_of, self.offsets // chunk[self._shard_of] if len(self) else self.offsets
 
     def read(self, i: int, fields: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """Rows of sample ``i`` in storage dtype (bf16 as uint16 bits, fp8/int7 as bytes plus ``<field>_scale``);
+        """Rows of sample ``i`` in storage dtype (bf16 as uint16 bits, fp8/int7/q19 as bytes plus ``<field>_scale``);
         views into memmaps where possible."""
         k = int(self._shard_of[i])
         start, length = int(self.offsets[i]), int(self.lengths[i])
