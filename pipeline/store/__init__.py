@@ -31,7 +31,6 @@ from pipeline.store.dtypes import (  # noqa: F401
     from_storage,
     quantize_fp8,
     quantize_int7,
-    quantize_q19,
     storage_dtype,
     to_storage,
     topk_ids_dtype,

@@ -14,7 +14,6 @@ import torch
 from pipeline.store.dtypes import (
     _PRECISION,
     HIDDEN_DTYPES,
-    INT7,
     LOGPROB_DTYPES,
     Q19,
     aux_dtype_for,
@@ -80,17 +79,15 @@ def reencode_store(src: str | os.PathLike, dst: str | os.PathLike, *, hidden_dty
     if "hidden_aux" in reader.fields:
         old_aux = reader.fields["hidden_aux"][1]
         record = projection_of(fp, "hidden_aux")
-        asked = aux_dtype
+        scaled = "component_scale" in (record or {})
         # None: the source's own aux dtype, where it had one; else the hidden dtype
         aux_dtype = aux_dtype_for(aux_dtype or (old_aux if old_aux != old_hidden else None), bool(record),
-                                  hidden_dtype)  # fmt: skip
+                                  hidden_dtype, scaled)  # fmt: skip
         if aux_dtype not in HIDDEN_DTYPES:
             raise StoreError(f"aux dtype {aux_dtype!r}: choose auto or one of {', '.join(HIDDEN_DTYPES)}")
-        if aux_dtype == Q19 and "component_scale" not in (record or {}):
-            if asked != "auto":
-                raise StoreError(f"{src}: q19 codes need a projection with a component scale (format 5); this "
-                                 "store's has none: keep int7 or re-extract")  # fmt: skip
-            aux_dtype = INT7  # "auto" on a format 3-4 projection
+        if aux_dtype == Q19 and not scaled:
+            raise StoreError(f"{src}: q19 codes need a projection with a component scale (format 5); this store's "
+                             "has none: keep int7 or re-extract")  # fmt: skip
         _check_lower(src, "EAGLE-3 features", old_aux, aux_dtype)
         fp["dtypes"]["hidden_aux"] = aux_dtype
     target = TargetPieces(reader.target_config(), reader.target_weights(), _CopyDir(reader.tokenizer_dir))

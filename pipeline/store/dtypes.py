@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -59,10 +60,11 @@ def _row_scale(t: torch.Tensor, top: float) -> tuple[torch.Tensor, torch.Tensor]
     return x, torch.where(amax > 0, amax / top, torch.ones_like(amax))
 
 
-def aux_dtype_for(aux_dtype: str | None, projected: bool, hidden_dtype: str) -> str:
-    """``hidden_aux``'s stored dtype: "auto" is q19 when projected, else the hidden dtype (None: the hidden dtype)."""
+def aux_dtype_for(aux_dtype: str | None, projected: bool, hidden_dtype: str, scaled: bool = True) -> str:
+    """``hidden_aux``'s stored dtype: "auto" is q19 when projected with a component scale (``scaled``: format 5), int7
+    when projected without one (a format 3-4 projection), else the hidden dtype (None: the hidden dtype)."""
     if aux_dtype == "auto":
-        return Q19 if projected else hidden_dtype
+        return (Q19 if scaled else INT7) if projected else hidden_dtype
     return aux_dtype or hidden_dtype
 
 
@@ -90,12 +92,8 @@ def quantize_int7(t: torch.Tensor, top: int = INT7_MAX) -> tuple[torch.Tensor, t
     return torch.where(torch.isfinite(code), code, 2 * INT7_MAX + 1).to(torch.uint8), scale
 
 
-def quantize_q19(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row q19: int7's zigzag codes limited to ``-9..9`` (``scale = max|row| / 9``)."""
-    return quantize_int7(t, CODE_MAX[Q19])
-
-
-QUANTIZERS = {FP8: quantize_fp8, INT7: quantize_int7, Q19: quantize_q19}
+# q19: int7's zigzag codes limited to -9..9 (scale = max|row| / 9)
+QUANTIZERS = {FP8: quantize_fp8, INT7: quantize_int7, Q19: partial(quantize_int7, top=CODE_MAX[Q19])}
 
 
 @dataclass
