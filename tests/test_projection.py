@@ -44,6 +44,22 @@ def test_principal_projection_keeps_the_dominant_subspace():
         st.principal_projection(acc.gram, 13)
 
 
+def test_gram_accumulator_sums_whole_products_from_upper_triangles(monkeypatch):
+    """Rows are buffered and multiplied in blocks (the upper triangle, mirrored): the sum is x^T x, exactly
+    symmetric, whatever the split of the rows into samples."""
+    from pipeline.store import projection
+
+    monkeypatch.setattr(projection, "GRAM_ROWS", 64)
+    monkeypatch.setattr(projection, "GRAM_BLOCK", 5)  # 12 columns: block rows of 5, 5 and 2
+    x = torch.randn(300, 12, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.1, 4.0, 12)
+    for cuts in ((300,), (7, 90, 3, 200), (150, 150)):
+        acc = st.GramAccumulator(12)
+        for part in x.split(list(cuts)):
+            acc.add(part)
+        assert acc.rows == 300 and acc.gram.dtype == torch.float64 and torch.equal(acc.gram, acc.gram.T)
+        assert torch.allclose(acc.gram, x.double().T @ x.double(), rtol=1e-5, atol=1e-4)
+
+
 def test_projection_does_not_depend_on_the_thread_count():
     """P's sha256 is in the fingerprint: a process on 2 threads and one on 1 must estimate the same bits."""
     g = torch.Generator().manual_seed(0)
