@@ -47,8 +47,8 @@ class GramAccumulator:
     """``Σ x xᵀ`` over calibration rows in fp64, on ``device`` (the forward's device: rows do not travel), from
     products of up to ``GRAM_ROWS`` rows that fill the upper triangle only (block rows of ``GRAM_BLOCK`` columns,
     ~0.6 of the full product's work) and are mirrored. On a CPU the products are fp32 (summed in fp64): on one thread
-    that is 1/3 of the time of fp64 products, and P moves by 0.002 (README "Compact store", extraction rate); a GPU
-    keeps fp64, where a TF32 setting would otherwise round the products to 10 bits."""
+    that is 1/3 of the time of fp64 products, and P's subspace moved by 0.002 on SmolLM2's features (README "Compact
+    store", extraction); a GPU keeps fp64, where a TF32 setting would otherwise round the products to 10 bits."""
 
     def __init__(self, width: int, device: str | torch.device = "cpu"):
         self._gram = torch.zeros(width, width, dtype=torch.float64, device=device)
