@@ -106,9 +106,10 @@ def main() -> None:
     tokens = sum(len(s) for s in samples)
     bare_forward(backend, samples[:2], args.batch_tokens)  # warm-up
 
-    cfg = dict(model=None, limit=args.limit, max_length=args.max_length, batch_tokens=args.batch_tokens,
-               progress=False, device="cpu", hidden_dtype="bfloat16", logprob_dtype="float32", codec="none",
-               aux_projection=None)  # the format-2 layout: (b) and (c) compare it with the peers'
+    default = dict(model=None, limit=args.limit, max_length=args.max_length, batch_tokens=args.batch_tokens,
+                   progress=False, device="cpu")
+    # the format-2 layout: (b) and (c) compare it with the peers'
+    cfg = dict(default, hidden_dtype="bfloat16", logprob_dtype="float32", codec="none", aux_projection=None)
     print(f"\nSmolLM2-135M fp32 CPU, ShareGPT records [0, {args.limit}), max_length {args.max_length}: "
           f"{len(samples)} samples, {tokens} tokens\n")
     print("(a) throughput, tokens/s (ratio to the same round's bare forward)")
@@ -117,9 +118,7 @@ def main() -> None:
     for rnd in range(args.rounds):  # one loaded model, the three in turn: this machine's speed drifts between rounds
         bare = tokens / bare_forward(backend, samples, args.batch_tokens)
         ours = run_extract(ExtractConfig(out=work / "none", **cfg), backend=backend)
-        compact = run_extract(ExtractConfig(out=work / "default", model=None, limit=args.limit,
-                                            max_length=args.max_length, batch_tokens=args.batch_tokens,
-                                            progress=False, device="cpu"), backend=backend)  # fmt: skip
+        compact = run_extract(ExtractConfig(out=work / "default", **default), backend=backend)
         assert ours["tokens"] == compact["tokens"] == tokens, (ours["tokens"], compact["tokens"], tokens)
         # the calibration's batches are written, not run again: its time counts in the default's rate
         rates = {"bare": bare, "format-2": tokens / ours["loop_s"],
